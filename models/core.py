@@ -1,0 +1,133 @@
+"""The contract every recurrent core follows, state helpers, and the core registry.
+
+A core maps `x: [T, B, D_in]` and a state to `y: [T, B, D_out]` and a new state of the
+same structure (`batch_first=True` cores take and give `[B, T, ...]`). `state=None`
+means a fresh state from `initial_state`. States are tensors inside tuples, named tuples,
+lists and dicts; `detach_state` cuts any of them from the graph for truncated BPTT.
+
+`--model NAME` in the scripts looks cores up in `CORES`; a core registers itself with
+`@register_core("NAME")` and supplies a config dataclass, its command-line flags and a
+way to build its config from parsed flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+State = Any  # a tensor, or a (named) tuple / list / dict of states
+
+
+class Core(nn.Module):
+    """Base class of recurrent cores.
+
+    Subclasses set `Config` (a dataclass, the only constructor input) and implement
+    `initial_state`, `forward` and the two class methods used by the scripts.
+    """
+
+    Config: ClassVar[type]
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    @property
+    def output_size(self) -> int:
+        raise NotImplementedError
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        raise NotImplementedError
+
+    @classmethod
+    def add_args(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this core's flags (flags shared with other cores are added once)."""
+
+    @classmethod
+    def config_from_args(cls, args: argparse.Namespace, input_size: int) -> Any:
+        raise NotImplementedError
+
+
+CORES: dict[str, type[Core]] = {}
+
+
+def register_core(name: str) -> Callable[[type[Core]], type[Core]]:
+    """Class decorator: make a core available as `--model NAME` (case-insensitive)."""
+
+    def register(cls: type[Core]) -> type[Core]:
+        key = name.lower()
+        if key in CORES and CORES[key] is not cls:
+            raise ValueError(f"core name {name!r} is registered twice")
+        cls.name = name
+        CORES[key] = cls
+        return cls
+
+    return register
+
+
+def get_core_class(name: str) -> type[Core]:
+    try:
+        return CORES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown core {name!r}; choose one of {', '.join(sorted(CORES))}") from None
+
+
+def build_core(name: str, config: dict | Any) -> Core:
+    """Build core `name` from its config dataclass or a dict of its fields (as stored in checkpoints)."""
+    cls = get_core_class(name)
+    if isinstance(config, dict):
+        config = cls.Config(**config)
+    return cls(config)
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def add_argument_once(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    """`parser.add_argument` unless a core that shares the flag has added it already."""
+    if any(flag in parser._option_string_actions for flag in flags):
+        return
+    parser.add_argument(*flags, **kwargs)
+
+
+def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:
+    """Apply `fn` to every tensor of a state, keeping its structure."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if isinstance(state, tuple) and hasattr(state, "_fields"):  # NamedTuple
+        return type(state)(*(map_state(fn, part) for part in state))
+    if isinstance(state, (tuple, list)):
+        return type(state)(map_state(fn, part) for part in state)
+    if isinstance(state, dict):
+        return {key: map_state(fn, part) for key, part in state.items()}
+    raise TypeError(f"a recurrent state holds tensors, tuples, lists and dicts, not {type(state).__name__}")
+
+
+def detach_state(state: State) -> State:
+    """Cut a state of any structure from the autograd graph (between truncated-BPTT windows)."""
+    return map_state(torch.Tensor.detach, state)
+
+
+def state_tensors(state: State) -> list[torch.Tensor]:
+    """The tensors of a state in a fixed order (to store a state in a checkpoint)."""
+    tensors: list[torch.Tensor] = []
+    map_state(lambda tensor: tensors.append(tensor) or tensor, state)
+    return tensors
+
+
+def state_from_tensors(template: State, tensors: list[torch.Tensor]) -> State:
+    """Inverse of `state_tensors`: fill `template`'s structure with `tensors`, on its devices."""
+    if len(tensors) != len(state_tensors(template)):
+        raise ValueError(f"state has {len(state_tensors(template))} tensors, got {len(tensors)}")
+    iterator = iter(tensors)
+    return map_state(lambda like: next(iterator).to(like.device, like.dtype), template)

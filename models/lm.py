@@ -1,0 +1,178 @@
+"""A word-level language model around any recurrent core.
+
+embedding -> dropout -> core -> dropout -> [projection] -> head
+
+The head is a full softmax (`nn.Linear` decoder, optionally tied to the embedding) or an
+adaptive softmax (`nn.AdaptiveLogSoftmaxWithLoss`, Grave et al. 2016), owned by the model
+so it is optimised and saved with it. When weights are tied and the core's output width
+differs from the embedding width, a linear projection maps one onto the other.
+
+Shapes: `T` time steps, `B` batch, `E` embedding size, `D` feature size at the head
+(E when tied, else the core's output size), `V` vocabulary size, `N` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.core import CORES, State, build_core, get_core_class
+
+
+@dataclasses.dataclass
+class LMConfig:
+    vocab_size: int
+    core: str = "LSTM"
+    core_config: dict = dataclasses.field(default_factory=dict)
+    emsize: int = 300
+    dropout: float = 0.5  # on the embeddings and on the core's output
+    tie_weights: bool = True
+    adaptive_softmax: bool = False
+    cutoffs: list[int] = dataclasses.field(default_factory=list)
+    div_value: float = 4.0
+
+    def __post_init__(self) -> None:
+        self.cutoffs = list(self.cutoffs)
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
+        if self.emsize < 1:
+            raise ValueError(f"emsize must be positive, got {self.emsize}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.adaptive_softmax:
+            check_cutoffs(self.cutoffs, self.vocab_size)
+            if self.tie_weights:
+                raise ValueError("weight tying needs the full softmax; use --no-tied with --adaptivesoftmax")
+
+
+def check_cutoffs(cutoffs: list[int], vocab_size: int) -> None:
+    """Raise ValueError unless `cutoffs` split a vocabulary of `vocab_size` words into clusters."""
+    if not cutoffs:
+        raise ValueError("--adaptivesoftmax needs --cutoffs, e.g. --cutoffs 2000 10000")
+    increasing = all(low < high for low, high in zip(cutoffs, cutoffs[1:]))
+    if not increasing or cutoffs[0] < 1 or cutoffs[-1] > vocab_size - 1:
+        raise ValueError(
+            f"--cutoffs {' '.join(map(str, cutoffs))} do not fit a vocabulary of {vocab_size} words: they must "
+            f"increase strictly and lie between 1 and {vocab_size - 1} (e.g. --cutoffs "
+            f"{max(1, vocab_size // 10)} {max(2, vocab_size // 2)})"
+        )
+
+
+class LanguageModel(nn.Module):
+    """Embedding, any registered core, and a full or adaptive softmax head."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = nn.Embedding(config.vocab_size, config.emsize)
+        self.core = build_core(config.core, config.core_config)
+        self.drop = nn.Dropout(config.dropout)
+        core_size = self.core.output_size
+        features = config.emsize if config.tie_weights else core_size
+        self.projection = nn.Linear(core_size, features) if core_size != features else None
+        if config.adaptive_softmax:
+            self.decoder = None
+            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(
+                features, config.vocab_size, cutoffs=config.cutoffs, div_value=config.div_value
+            )
+        else:
+            self.adaptive = None
+            self.decoder = nn.Linear(features, config.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        if self.decoder is not None:
+            nn.init.zeros_(self.decoder.bias)
+            if self.config.tie_weights:
+                self.decoder.weight = self.encoder.weight
+            else:
+                nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        return self.core.initial_state(batch_size, device)
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Features for the head.
+
+        Args:
+            tokens: LongTensor [T, B].
+            state: the core's state, or None for a fresh one.
+
+        Returns:
+            features [T, B, D] (pass to `loss` or `log_probs`) and the core's new state.
+        """
+        embedded = self.drop(self.encoder(tokens))  # [T, B, E]
+        output, state = self.core(embedded, state)
+        output = self.drop(output)
+        if self.projection is not None:
+            output = self.projection(output)
+        return output, state
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Negative log-likelihood of `targets` [T, B] under `features` [T, B, D] ('mean' or 'sum')."""
+        features = features.reshape(-1, features.size(-1))  # [T, B, D] -> [N, D]
+        targets = targets.reshape(-1)  # [T, B] -> [N]
+        if self.adaptive is None:
+            return F.cross_entropy(self.decoder(features), targets, reduction=reduction)
+        target_log_probs = self.adaptive(features, targets).output  # [N]
+        total = -target_log_probs.sum()
+        return total if reduction == "sum" else total / targets.numel()
+
+    def log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of every word: [..., D] -> [..., V]."""
+        flat = features.reshape(-1, features.size(-1))  # [..., D] -> [N, D]
+        if self.adaptive is None:
+            out = F.log_softmax(self.decoder(flat), dim=-1)
+        else:
+            out = self.adaptive.log_prob(flat)
+        return out.reshape(*features.shape[:-1], -1)
+
+
+def add_lm_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the language model and of every registered core."""
+    group = parser.add_argument_group("language model")
+    group.add_argument(
+        "--model", default="LSTM", type=str,
+        help=f"recurrent core: {', '.join(cls.name for cls in CORES.values())}",
+    )
+    group.add_argument("--emsize", type=int, default=300, help="word embedding size")
+    group.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and on the core's output")
+    group.add_argument(
+        "--tied", action=argparse.BooleanOptionalAction, default=True,
+        help="tie the decoder to the embedding (full softmax only; a projection is added when sizes differ)",
+    )
+    group.add_argument(
+        "--adaptivesoftmax", "--adaptive-softmax", dest="adaptivesoftmax", action="store_true",
+        help="adaptive softmax head for large vocabularies (needs --cutoffs; implies --no-tied)",
+    )
+    group.add_argument(
+        "--cutoffs", type=int, nargs="+", default=[],
+        help="adaptive softmax cluster boundaries, increasing word ranks, e.g. 2000 10000",
+    )
+    group.add_argument("--div-value", "--div_value", dest="div_value", type=float, default=4.0,
+                       help="adaptive softmax: each cluster's projection shrinks by this factor")
+    for cls in CORES.values():
+        cls.add_args(parser)
+
+
+def lm_config_from_args(args: argparse.Namespace, vocab_size: int) -> LMConfig:
+    """Build the model config from parsed flags; raises ValueError on a bad combination."""
+    core_class = get_core_class(args.model)
+    core_config: Any = core_class.config_from_args(args, args.emsize)
+    return LMConfig(
+        vocab_size=vocab_size,
+        core=core_class.name,
+        core_config=dataclasses.asdict(core_config),
+        emsize=args.emsize,
+        dropout=args.dropout,
+        tie_weights=args.tied and not args.adaptivesoftmax,
+        adaptive_softmax=args.adaptivesoftmax,
+        cutoffs=args.cutoffs,
+        div_value=args.div_value,
+    )

@@ -1,0 +1,35 @@
+"""LSTM baseline of the RMC language-model benchmark (Santoro et al. 2018).
+
+Embedding 300 -> 1-layer LSTM 300 -> tied softmax, dropout 0.5, Adam lr 0.001 halved on a
+validation plateau of 5 epochs, clip 0.1, batch 64, bptt 100, 100 epochs. `--rnn-impl loop`
+runs the same weights through an explicit per-step cell (the benchmark's "fair" loop);
+`--model GRU` (or any registered core) swaps the core.
+
+    python train_rnn.py --data data/wikitext-2
+"""
+
+import argparse
+
+import models
+import training
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training.add_common_args(parser)
+    models.add_lm_args(parser)
+    parser.set_defaults(
+        model="LSTM", emsize=300, nhid=300, nlayers=1, dropout=0.5, tied=True,
+        optimizer="adam", lr=0.001, clip=0.1, lr_decay=0.5, patience=5,
+        batch_size=64, eval_batch_size=10, bptt=100, epochs=100, log_interval=100,
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = training.parse_args(build_parser(), argv)
+    return training.run_language_model(args, script="train_rnn")
+
+
+if __name__ == "__main__":
+    training.cli(main)

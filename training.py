@@ -1,0 +1,646 @@
+"""Everything the training scripts share.
+
+Flags (`add_common_args`), seeding and devices, run folders with `args.json` and
+`log.jsonl`, atomic checkpoints and `load_checkpoint`, token-weighted `evaluate`, and the
+language-model training loop (`LMTrainer`) with truncated BPTT, gradient clipping, a
+plateau schedule, non-finite-loss handling, Ctrl-C / SIGTERM / `--max-steps` stops that
+save a resumable checkpoint, and `--resume` that continues a run bitwise on CPU.
+
+A script is a parser with its paper's defaults and a call to `run_language_model`, wrapped
+in `cli`, which prints a `UserInputError` or `TrainingError` as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import models
+from data import Corpus, atomic_torch_save, batchify, get_batch
+from errors import UserInputError
+from models.core import detach_state, state_from_tensors, state_tensors
+
+CHECKPOINT_FORMAT = 1
+REPO_ROOT = Path(__file__).resolve().parent
+# On --resume, these flags take this invocation's values, typed or default ...
+PER_INVOCATION = {"resume", "max_steps", "dry_run", "device", "cuda", "threads"}
+# ... these keep the checkpoint's values unless typed again; any other typed flag must match the checkpoint.
+RESUME_OVERRIDABLE = {"epochs", "log_interval", "save_interval", "data", "max_nonfinite"}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. persistent non-finite losses); the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- flags and set-up
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every training script shares; scripts set their paper defaults with `set_defaults`."""
+    group = parser.add_argument_group("data and run")
+    group.add_argument("--data", default="data/penn", help="corpus folder with train.txt, valid.txt, test.txt")
+    group.add_argument("--seed", type=int, default=1111, help="random seed")
+    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    group.add_argument("--cuda", action="store_true", help="use CUDA (same as --device cuda)")
+    group.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    group.add_argument("--run-dir", "--run_dir", dest="run_dir", default=None,
+                       help="folder for args.json, log.jsonl and checkpoints (default: runs/<name>-<time>)")
+    group.add_argument("--name", default=None, help="run name used in the default run folder")
+    group.add_argument("--resume", default=None, metavar="PATH",
+                       help="continue from a checkpoint file or a run folder (its checkpoint.pt)")
+    group.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                       help="smoke test: one epoch of two batches, two evaluation batches")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=40, help="number of epochs")
+    group.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
+                       help="stop after this many training batches in all, saving a resumable checkpoint")
+    group.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=20, help="batch size")
+    group.add_argument("--eval_batch_size", "--eval-batch-size", dest="eval_batch_size", type=int, default=10,
+                       help="batch size for validation")
+    group.add_argument("--test_batch_size", "--test-batch-size", dest="test_batch_size", type=int, default=None,
+                       help="batch size for the test set (default: --eval_batch_size)")
+    group.add_argument("--bptt", type=int, default=35, help="truncated-BPTT window length")
+    group.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimiser")
+    group.add_argument("--lr", type=float, default=20.0, help="learning rate")
+    group.add_argument("--wdecay", type=float, default=0.0, help="weight decay")
+    group.add_argument("--clip", type=float, default=0.25, help="gradient norm clipping (0: off)")
+    group.add_argument("--lr-decay", "--lr_decay", dest="lr_decay", type=float, default=0.5,
+                       help="factor applied to the learning rate when validation loss plateaus (1: off)")
+    group.add_argument("--patience", type=int, default=5,
+                       help="epochs without validation improvement before the learning rate is decayed")
+    group.add_argument("--max-nonfinite", "--max_nonfinite", dest="max_nonfinite", type=int, default=10,
+                       help="stop after this many consecutive non-finite losses or gradients")
+    group = parser.add_argument_group("logging")
+    group.add_argument("--log-interval", "--log_interval", dest="log_interval", type=int, default=200,
+                       help="batches between log lines")
+    group.add_argument("--save-interval", "--save_interval", dest="save_interval", type=int, default=0,
+                       help="also write a resumable checkpoint every this many batches (0: at epoch ends only)")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args`, recording in `args._explicit` which flags the user typed."""
+    unset = object()
+    probe = argparse.Namespace(**{action.dest: unset for action in parser._actions if action.dest != "help"})
+    parser.parse_args(argv, namespace=probe)
+    args = parser.parse_args(argv)
+    args._explicit = sorted(name for name, value in vars(probe).items() if value is not unset)
+    return args
+
+
+def public_args(args: argparse.Namespace) -> dict:
+    return {key: value for key, value in vars(args).items() if not key.startswith("_")}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def resolve_device(args: argparse.Namespace) -> torch.device:
+    name = "cuda" if args.cuda else args.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserInputError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("CUDA is not available on this machine; drop --cuda or use --device cpu")
+    return device
+
+
+def cli(main: Callable[[list[str] | None], Any]) -> None:
+    """Run a script's `main`, printing user-facing errors as one line (exit 2) instead of a traceback."""
+    try:
+        main(None)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+# --------------------------------------------------------------------------- run folders and logs
+
+
+class Run:
+    """A run folder: `args.json`, `log.jsonl`, checkpoints. Prints log lines and appends them as JSON."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.path / "log.jsonl"
+        self.bar: tqdm | None = None
+
+    @classmethod
+    def create(cls, args: argparse.Namespace, script: str) -> "Run":
+        if args.run_dir:
+            path = Path(args.run_dir)
+        else:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            path = Path("runs") / f"{args.name or script}-{stamp}"
+            suffix = 1
+            while path.exists():
+                suffix += 1
+                path = Path("runs") / f"{args.name or script}-{stamp}-{suffix}"
+        run = cls(path)
+        meta = {
+            "args": public_args(args), "script": script, "argv": sys.argv, "git_commit": git_commit(),
+            "torch": torch.__version__, "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        (run.path / "args.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return run
+
+    def print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def log(self, event: str, **fields: Any) -> None:
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        with open(self.log_path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def truncate_log(self, size: int) -> None:
+        """Drop log lines written after a checkpoint, since a resumed run redoes that work."""
+        if self.log_path.exists() and self.log_path.stat().st_size > size:
+            with open(self.log_path, "r+b") as file:
+                file.truncate(size)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, **contents: Any) -> None:
+    """Write `{format, kind, config, model, **contents}` atomically, plus a JSON summary beside it.
+
+    `contents` typically holds optimizer, scheduler, args, vocab, train_state, hidden, rng:
+    tensors, numbers, strings and containers of them only, so `load_checkpoint` can read it
+    with `weights_only=True`.
+    """
+    path = Path(path)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "kind": type(model).__name__,
+        "config": dataclasses.asdict(model.config),
+        "model": model.state_dict(),
+        **contents,
+    }
+    atomic_torch_save(checkpoint, path)
+    summary = {
+        "kind": checkpoint["kind"], "config": checkpoint["config"],
+        "train_state": contents.get("train_state"), "git_commit": git_commit(),
+        "saved": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    tmp = path.with_name(f".{path.stem}.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    os.replace(tmp, path.with_suffix(".json"))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint dict on CPU without executing code; a run folder means its checkpoint.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise UserInputError(f"checkpoint {path} does not exist; pass a checkpoint file or a run folder")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserInputError(
+            f"{path} is not a checkpoint this repository can read (not a file of plain tensors; pickled objects are never loaded, "
+            f"since unpickling can run code); pass a checkpoint.pt or best.pt written by one of its scripts"
+        ) from None
+    except Exception as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserInputError(
+            f"{path} is not a checkpoint this repository can read ({first_line}); "
+            f"pass a checkpoint.pt or best.pt written by one of its scripts"
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UserInputError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT} expected)")
+    checkpoint["path"] = str(path)
+    return checkpoint
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: torch.device | str = "cpu", kind: str | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model a checkpoint holds from its stored config and load its weights.
+
+    Args:
+        path: a checkpoint file, or a run folder (its checkpoint.pt).
+        device: where to put the model.
+        kind: the model class expected (e.g. "LanguageModel"); another kind is an error.
+
+    Returns:
+        (model in eval mode on `device`, the checkpoint dict).
+
+    Raises:
+        UserInputError: missing or unreadable file, another kind of model, or weights that
+            do not fit the stored config.
+    """
+    checkpoint = read_checkpoint(path)
+    name = checkpoint.get("kind")
+    if kind is not None and name != kind:
+        raise UserInputError(f"{checkpoint['path']} holds a {name}, not a {kind}; pass a {kind} checkpoint")
+    if name not in models.MODEL_CLASSES:
+        raise UserInputError(f"{checkpoint['path']} holds an unknown model kind {name!r}")
+    model_class, config_class = models.MODEL_CLASSES[name]
+    try:
+        model = model_class(config_class(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise UserInputError(
+            f"{checkpoint['path']} does not fit this version's {name} ({first_line}); "
+            f"it was written by another version of the code or edited"
+        ) from None
+    return model.to(device).eval(), checkpoint
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: models.LanguageModel, source: torch.Tensor, bptt: int, max_batches: int | None = None
+) -> float:
+    """Mean loss per token over `source` [S, B]: summed token losses divided by the token count."""
+    model.eval()
+    state = model.initial_state(source.size(1), source.device)
+    total, count = 0.0, 0
+    for batch, start in enumerate(range(0, source.size(0) - 1, bptt)):
+        if max_batches is not None and batch >= max_batches:
+            break
+        inputs, targets = get_batch(source, start, bptt)
+        features, state = model(inputs, state)
+        total += model.loss(features, targets, reduction="sum").item()
+        count += targets.numel()
+    return total / count
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+class StopSignals:
+    """Turn the first Ctrl-C or SIGTERM into a request to stop at the next batch boundary.
+
+    A second Ctrl-C raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = "interrupt" if signum == signal.SIGINT else "terminate"
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# --------------------------------------------------------------------------- language-model training
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Loop position and bookkeeping; with the weights, optimiser, RNG and hidden state it resumes a run."""
+
+    epoch: int = 1
+    position: int = 0  # row of the batchified training data where the next batch starts
+    step: int = 0  # training batches done in all
+    best_valid_loss: float = math.inf
+    best_epoch: int = 0
+    nonfinite_streak: int = 0
+    skipped_steps: int = 0
+    log_bytes: int = 0  # size of log.jsonl when the checkpoint was written
+
+
+class LMTrainer:
+    """Trains a `LanguageModel` on a corpus with truncated BPTT.
+
+    Subclasses (e.g. AWD-LSTM) override `sequence_length`, `compute_loss` or `after_validation`.
+    """
+
+    def __init__(self, model: models.LanguageModel, corpus: Corpus, args: argparse.Namespace,
+                 device: torch.device, run: Run):
+        self.model, self.corpus, self.args, self.device, self.run = model, corpus, args, device, run
+        self.train_data = batchify(corpus.train, args.batch_size, device)
+        self.valid_data = batchify(corpus.valid, args.eval_batch_size, device)
+        self.test_data = batchify(corpus.test, args.test_batch_size or args.eval_batch_size, device)
+        self.optimizer = self.make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=args.lr_decay, patience=args.patience
+        )
+        self.state = TrainState()
+        self.hidden = model.initial_state(args.batch_size, device)
+        self.eval_batches = 2 if args.dry_run else None
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        params = self.model.parameters()
+        if self.args.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.args.lr, weight_decay=self.args.wdecay)
+        return torch.optim.SGD(params, lr=self.args.lr, weight_decay=self.args.wdecay)
+
+    # ---- hooks
+
+    def sequence_length(self) -> int:
+        return self.args.bptt
+
+    def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, models.State]:
+        """Training loss of one window and the core's state after it."""
+        features, hidden = self.model(inputs, self.hidden)
+        return self.model.loss(features, targets), hidden
+
+    def after_validation(self, valid_loss: float) -> None:
+        self.scheduler.step(valid_loss)
+
+    # ---- checkpoints
+
+    def checkpoint_contents(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "args": public_args(self.args),
+            "vocab": self.corpus.dictionary.idx2word,
+            "train_state": dataclasses.asdict(self.state),
+            "hidden": [tensor.cpu() for tensor in state_tensors(self.hidden)],
+            "rng": rng_state(),
+        }
+
+    def save(self, name: str = "checkpoint.pt") -> Path:
+        self.state.log_bytes = self.run.log_size()
+        path = self.run.path / name
+        save_checkpoint(path, self.model, **self.checkpoint_contents())
+        return path
+
+    def restore(self, checkpoint: dict) -> None:
+        """Continue from a checkpoint written by `save` (weights already loaded into the model)."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.state = TrainState(**checkpoint["train_state"])
+        self.hidden = state_from_tensors(self.hidden, checkpoint["hidden"])
+        set_rng_state(checkpoint["rng"])
+        self.run.truncate_log(self.state.log_bytes)
+
+    # ---- the loop
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float | None:
+        """One optimiser step; returns the loss, or None when the step was skipped as non-finite."""
+        self.model.train()
+        self.hidden = detach_state(self.hidden)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, next_hidden = self.compute_loss(inputs, targets)
+        if torch.isfinite(loss):
+            loss.backward()
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if self.args.clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.clip)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            if torch.isfinite(grad_norm):
+                self.optimizer.step()
+                self.hidden = next_hidden
+                self.state.nonfinite_streak = 0
+                return loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.hidden = self.model.initial_state(self.args.batch_size, self.device)
+        self.state.nonfinite_streak += 1
+        self.state.skipped_steps += 1
+        self.run.print(f"| step {self.state.step + 1}: non-finite loss or gradient; step skipped, state reset")
+        self.run.log("nonfinite", step=self.state.step + 1, epoch=self.state.epoch)
+        if self.state.nonfinite_streak >= self.args.max_nonfinite:
+            raise TrainingError(
+                f"the loss or gradient was not finite for {self.state.nonfinite_streak} consecutive steps "
+                f"(step {self.state.step + 1}); lower --lr or --clip, or check the data. Checkpoints already "
+                f"in {self.run.path} are unchanged"
+            )
+        return None
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil((self.train_data.size(0) - 1) / self.args.bptt)
+
+    def fit(self) -> dict:
+        """Train until `--epochs`, a stop signal or `--max-steps`; then evaluate the best model on test."""
+        args, state = self.args, self.state
+        stop_reason = None
+        with StopSignals() as signals:
+            while state.epoch <= args.epochs and stop_reason is None:
+                stop_reason = self.train_epoch(signals)
+                if stop_reason is None:
+                    self.end_epoch()
+        if stop_reason == "terminate":
+            path = self.save()
+            self.run.print(f"| terminated: saved resumable checkpoint {path}")
+            return {"stopped": stop_reason, "checkpoint": str(path)}
+        if stop_reason is not None:
+            path = self.save()
+            self.run.print(f"| stopped ({stop_reason}) at step {state.step}: saved resumable checkpoint {path}; "
+                           f"continue with --resume {self.run.path}")
+        return {"stopped": stop_reason, **self.final_evaluation()}
+
+    def train_epoch(self, signals: StopSignals) -> str | None:
+        args, state = self.args, self.state
+        last_row = self.train_data.size(0) - 1
+        total_batches = 2 if args.dry_run else self.batches_per_epoch()
+        interval_loss, interval_batches, interval_tokens = 0.0, 0, 0
+        batches_this_epoch = 0
+        started = time.perf_counter()
+        bar = tqdm(total=total_batches, initial=min(state.position // args.bptt, total_batches),
+                   desc=f"epoch {state.epoch}", disable=None, leave=False, dynamic_ncols=True)
+        self.run.bar = None if bar.disable else bar
+        try:
+            while state.position < last_row:
+                if signals.reason is not None:
+                    return signals.reason
+                if args.max_steps is not None and state.step >= args.max_steps:
+                    return "max-steps"
+                if args.dry_run and batches_this_epoch == total_batches:
+                    break
+                inputs, targets = get_batch(self.train_data, state.position, self.sequence_length())
+                loss = self.train_step(inputs, targets)
+                state.position += inputs.size(0)
+                state.step += 1
+                batches_this_epoch += 1
+                bar.update(1)
+                if loss is not None:
+                    interval_loss += loss
+                    interval_batches += 1
+                    interval_tokens += targets.numel()
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                if interval_batches and state.step % args.log_interval == 0:
+                    elapsed = time.perf_counter() - started
+                    self.log_train(interval_loss / interval_batches, interval_batches, interval_tokens, elapsed)
+                    interval_loss, interval_batches, interval_tokens = 0.0, 0, 0
+                    started = time.perf_counter()
+                if args.save_interval and state.step % args.save_interval == 0:
+                    self.save()
+        finally:
+            bar.close()
+            self.run.bar = None
+        return None
+
+    def log_train(self, loss: float, batches: int, tokens: int, elapsed: float) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        ms_per_batch = 1000 * elapsed / batches
+        self.run.print(
+            f"| epoch {self.state.epoch:3d} | step {self.state.step:6d} | lr {lr:.3g} | "
+            f"ms/batch {ms_per_batch:7.1f} | tok/s {tokens / elapsed:8.0f} | loss {loss:5.2f} | ppl {perplexity(loss):8.2f}"
+        )
+        self.run.log("train", epoch=self.state.epoch, step=self.state.step, lr=lr, loss=loss,
+                     ppl=perplexity(loss), ms_per_batch=ms_per_batch, tokens_per_s=tokens / elapsed)
+
+    def end_epoch(self) -> None:
+        state = self.state
+        started = time.perf_counter()
+        valid_loss = evaluate(self.model, self.valid_data, self.args.bptt, self.eval_batches)
+        self.after_validation(valid_loss)
+        improved = valid_loss < state.best_valid_loss
+        if improved:
+            state.best_valid_loss, state.best_epoch = valid_loss, state.epoch
+        self.run.print(f"| end of epoch {state.epoch:3d} | valid loss {valid_loss:5.2f} | "
+                       f"valid ppl {perplexity(valid_loss):8.2f}{' | best' if improved else ''}")
+        self.run.log("valid", epoch=state.epoch, step=state.step, loss=valid_loss, ppl=perplexity(valid_loss),
+                     lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
+        state.epoch += 1
+        state.position = 0
+        self.hidden = self.model.initial_state(self.args.batch_size, self.device)
+        if improved:
+            self.save("best.pt")
+        self.save()
+
+    def final_evaluation(self) -> dict:
+        """Valid and test loss of the best model so far (the current one if nothing was validated yet)."""
+        best = self.run.path / "best.pt"
+        model = load_checkpoint(best, self.device)[0] if best.exists() else self.model
+        test_bptt = self.args.bptt
+        valid_loss = evaluate(model, self.valid_data, test_bptt, self.eval_batches)
+        test_loss = evaluate(model, self.test_data, test_bptt, self.eval_batches)
+        self.run.print(f"| end of training | valid ppl {perplexity(valid_loss):8.2f} | "
+                       f"test ppl {perplexity(test_loss):8.2f}")
+        self.run.log("test", step=self.state.step, valid_loss=valid_loss, valid_ppl=perplexity(valid_loss),
+                     test_loss=test_loss, test_ppl=perplexity(test_loss))
+        return {"valid_loss": valid_loss, "valid_ppl": perplexity(valid_loss),
+                "test_loss": test_loss, "test_ppl": perplexity(test_loss)}
+
+
+# --------------------------------------------------------------------------- entry point for LM scripts
+
+
+def resume_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespace:
+    """The checkpoint's flags, with the run-control flags the user typed now; a clash is an error."""
+    saved = dict(checkpoint["args"])
+    for name in args._explicit:
+        if name in RESUME_OVERRIDABLE or name in PER_INVOCATION or name not in saved:
+            continue
+        if getattr(args, name) != saved[name]:
+            raise UserInputError(
+                f"--{name} {getattr(args, name)} differs from the checkpoint's {saved[name]!r}; drop it to resume "
+                f"{checkpoint['path']}, or start a new run without --resume"
+            )
+    merged = argparse.Namespace(**{**vars(args), **saved})
+    for name in PER_INVOCATION | (RESUME_OVERRIDABLE & set(args._explicit)):
+        setattr(merged, name, getattr(args, name))
+    return merged
+
+
+def run_language_model(args: argparse.Namespace, script: str) -> dict:
+    """Build corpus, model and trainer from flags (or from a checkpoint with --resume), train, test."""
+    checkpoint = read_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        if checkpoint.get("kind") != "LanguageModel":
+            raise UserInputError(f"{checkpoint['path']} holds a {checkpoint.get('kind')}, not a language model")
+        args = resume_args(args, checkpoint)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args)
+    seed_everything(args.seed)
+    corpus = Corpus(args.data)
+    if checkpoint is not None:
+        if checkpoint["vocab"] != corpus.dictionary.idx2word:
+            raise UserInputError(
+                f"{checkpoint['path']} was trained on another vocabulary ({len(checkpoint['vocab'])} words) than "
+                f"{args.data} ({len(corpus.dictionary)} words); pass the --data it was trained on"
+            )
+        model, _ = load_checkpoint(checkpoint["path"], device, kind="LanguageModel")
+        run = Run(Path(checkpoint["path"]).parent)
+    else:
+        try:
+            config = models.lm_config_from_args(args, len(corpus.dictionary))
+        except ValueError as error:
+            raise UserInputError(str(error)) from None
+        model = models.LanguageModel(config).to(device)
+        run = Run.create(args, script)
+    trainer = LMTrainer(model, corpus, args, device, run)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        run.log("resume", step=trainer.state.step, epoch=trainer.state.epoch)
+        run.print(f"| resumed {checkpoint['path']} at epoch {trainer.state.epoch}, step {trainer.state.step}")
+    parameters = sum(p.numel() for p in model.parameters())
+    run.print(f"| {script}: {model.config.core} language model, {parameters:,} parameters, "
+              f"vocabulary {len(corpus.dictionary):,}, device {device}, run folder {run.path}")
+    return {"run_dir": str(run.path), **trainer.fit()}
