@@ -130,4 +130,11 @@ def state_from_tensors(template: State, tensors: list[torch.Tensor]) -> State:
     if len(tensors) != len(state_tensors(template)):
         raise ValueError(f"state has {len(state_tensors(template))} tensors, got {len(tensors)}")
     iterator = iter(tensors)
-    return map_state(lambda like: next(iterator).to(like.device, like.dtype), template)
+
+    def fill(like: torch.Tensor) -> torch.Tensor:
+        tensor = next(iterator)
+        if tensor.shape != like.shape:
+            raise ValueError(f"state tensor of shape {tuple(tensor.shape)} where {tuple(like.shape)} is expected")
+        return tensor.to(like.device, like.dtype)
+
+    return map_state(fill, template)

@@ -76,6 +76,12 @@ class LanguageModel(nn.Module):
         features = config.emsize if config.tie_weights else core_size
         self.projection = nn.Linear(core_size, features) if core_size != features else None
         if config.adaptive_softmax:
+            smallest = int(features // (config.div_value ** len(config.cutoffs)))
+            if smallest < 1:
+                raise ValueError(
+                    f"adaptive softmax: the last cluster's projection of {features} // {config.div_value:g}^"
+                    f"{len(config.cutoffs)} units is empty; lower --div-value or use fewer --cutoffs"
+                )
             self.decoder = None
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(
                 features, config.vocab_size, cutoffs=config.cutoffs, div_value=config.div_value

@@ -1,0 +1,46 @@
+"""Shared fixtures: small corpora written on the fly, and tiny-model flags for the scripts."""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Flags that make any LM script tiny and fast on CPU.
+TINY_LM_FLAGS = [
+    "--emsize", "16", "--nhid", "16", "--batch_size", "4", "--eval_batch_size", "2",
+    "--bptt", "8", "--epochs", "1", "--log-interval", "5", "--threads", "1",
+]
+
+
+def write_corpus(folder: Path, lines_per_split: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """A corpus with learnable structure: sentences follow a fixed word order with noise."""
+    lines_per_split = lines_per_split or {"train": 300, "valid": 40, "test": 40}
+    rng = random.Random(seed)
+    words = [f"w{index}" for index in range(40)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in lines_per_split.items():
+        lines = []
+        for _ in range(count):
+            start = rng.randrange(len(words))
+            length = rng.randint(4, 10)
+            sentence = [words[(start + step) % len(words)] if rng.random() > 0.1 else rng.choice(words)
+                        for step in range(length)]
+            lines.append(" ".join(sentence))
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and scripts under test may change the count."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)

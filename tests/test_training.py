@@ -1,0 +1,218 @@
+"""The shared training loop: resume, stops, non-finite losses, checkpoints, logs, evaluation."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import train_rnn
+import training
+from data import Corpus, batchify
+from errors import UserInputError
+from tests.conftest import TINY_LM_FLAGS, write_corpus
+
+FLAGS = TINY_LM_FLAGS + ["--epochs", "2", "--lr", "0.01", "--dropout", "0.3"]
+
+
+def run(corpus_dir, run_dir, *extra):
+    return train_rnn.main(["--data", str(corpus_dir), "--run-dir", str(run_dir), *FLAGS, *extra])
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_logs_checkpoints_and_loss_falls(corpus_dir, tmp_path):
+    result = run(corpus_dir, tmp_path / "run", "--epochs", "4", "--lr", "0.02")
+    run_dir = tmp_path / "run"
+    assert {p.name for p in run_dir.iterdir()} >= {"args.json", "log.jsonl", "checkpoint.pt", "checkpoint.json",
+                                                   "best.pt", "best.json"}
+    meta = json.loads((run_dir / "args.json").read_text())
+    assert meta["args"]["epochs"] == 4 and "git_commit" in meta
+    events = read_log(run_dir)
+    valid = [e for e in events if e["event"] == "valid"]
+    train = [e for e in events if e["event"] == "train"]
+    assert [e["epoch"] for e in valid] == [1, 2, 3, 4]
+    assert train and all({"loss", "ppl", "lr", "step", "tokens_per_s"} <= e.keys() for e in train)
+    assert valid[-1]["loss"] < valid[0]["loss"] < torch.log(torch.tensor(41.0)).item()  # below uniform
+    test = events[-1]
+    assert test["event"] == "test" and test["test_ppl"] == pytest.approx(result["test_ppl"])
+    assert result["valid_ppl"] < 25
+
+
+def test_interrupted_and_resumed_run_is_bitwise_equal(corpus_dir, tmp_path):
+    run(corpus_dir, tmp_path / "whole")
+    stopped = run(corpus_dir, tmp_path / "parts", "--max-steps", "7")
+    assert stopped["stopped"] == "max-steps"
+    state = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["train_state"]
+    assert state["step"] == 7 and state["epoch"] == 1 and state["position"] > 0  # mid-epoch
+    resumed = train_rnn.main(["--resume", str(tmp_path / "parts")])
+    assert resumed["stopped"] is None
+    assert_same_weights(weights(tmp_path / "whole" / "checkpoint.pt"), weights(tmp_path / "parts" / "checkpoint.pt"))
+    assert resumed["test_loss"] == pytest.approx(run_result_test_loss(tmp_path / "whole"), abs=0)
+    # the log of the resumed run holds each step once
+    steps = [e["step"] for e in read_log(tmp_path / "parts") if e["event"] == "train"]
+    assert steps == sorted(set(steps))
+
+
+def run_result_test_loss(run_dir):
+    return [e for e in read_log(run_dir) if e["event"] == "test"][-1]["test_loss"]
+
+
+def test_resume_across_an_epoch_boundary(corpus_dir, tmp_path):
+    run(corpus_dir, tmp_path / "whole")
+    batches = len(range(0, batchify(Corpus(corpus_dir).train, 4).size(0) - 1, 8))
+    run(corpus_dir, tmp_path / "parts", "--max-steps", str(batches + 2))
+    train_rnn.main(["--resume", str(tmp_path / "parts" / "checkpoint.pt")])
+    assert_same_weights(weights(tmp_path / "whole" / "checkpoint.pt"), weights(tmp_path / "parts" / "checkpoint.pt"))
+
+
+def stop_with_signal_at(monkeypatch, signum, at_step):
+    original = training.LMTrainer.train_step
+
+    def train_step(self, inputs, targets):
+        loss = original(self, inputs, targets)
+        if self.state.step + 1 == at_step:
+            os.kill(os.getpid(), signum)
+        return loss
+
+    monkeypatch.setattr(training.LMTrainer, "train_step", train_step)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_and_evaluates(corpus_dir, tmp_path, monkeypatch):
+    run(corpus_dir, tmp_path / "whole")
+    stop_with_signal_at(monkeypatch, signal.SIGINT, at_step=5)
+    result = run(corpus_dir, tmp_path / "parts")
+    assert result["stopped"] == "interrupt" and result["test_ppl"] > 1
+    assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["train_state"]["step"] == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.undo()
+    train_rnn.main(["--resume", str(tmp_path / "parts")])
+    assert_same_weights(weights(tmp_path / "whole" / "checkpoint.pt"), weights(tmp_path / "parts" / "checkpoint.pt"))
+
+
+def test_sigterm_saves_and_exits_without_evaluating(corpus_dir, tmp_path, monkeypatch):
+    stop_with_signal_at(monkeypatch, signal.SIGTERM, at_step=3)
+    result = run(corpus_dir, tmp_path / "run")
+    assert result["stopped"] == "terminate" and "test_ppl" not in result
+    assert torch.load(result["checkpoint"], weights_only=True)["train_state"]["step"] == 3
+
+
+def nan_loss_at(monkeypatch, steps):
+    original = training.LMTrainer.compute_loss
+
+    def compute_loss(self, inputs, targets):
+        loss, hidden = original(self, inputs, targets)
+        if self.state.step + 1 in steps:
+            loss = loss * float("nan")
+        return loss, hidden
+
+    monkeypatch.setattr(training.LMTrainer, "compute_loss", compute_loss)
+
+
+def test_non_finite_loss_is_skipped_and_reported(corpus_dir, tmp_path, monkeypatch, capsys):
+    nan_loss_at(monkeypatch, {3, 4})
+    result = run(corpus_dir, tmp_path / "run")
+    assert result["test_ppl"] < 41
+    events = read_log(tmp_path / "run")
+    assert [e["step"] for e in events if e["event"] == "nonfinite"] == [3, 4]
+    assert "non-finite loss" in capsys.readouterr().out
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["train_state"]["skipped_steps"] == 2
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
+def test_persistent_non_finite_loss_stops_and_keeps_checkpoints(corpus_dir, tmp_path, monkeypatch):
+    run(corpus_dir, tmp_path / "run", "--max-steps", "4")
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    nan_loss_at(monkeypatch, set(range(5, 100)))
+    with pytest.raises(training.TrainingError, match="not finite for 3 consecutive steps.*lower --lr"):
+        train_rnn.main(["--resume", str(tmp_path / "run"), "--max-nonfinite", "3"])
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_checkpoint_write_is_atomic(corpus_dir, tmp_path, monkeypatch):
+    run(corpus_dir, tmp_path / "run", "--max-steps", "3")
+    path = tmp_path / "run" / "checkpoint.pt"
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def crash_midway(obj, file, *args, **kwargs):
+        real_save(obj, file, *args, **kwargs)
+        file.truncate(10)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    model, checkpoint = training.load_checkpoint(path)
+    with pytest.raises(OSError, match="disk full"):
+        training.save_checkpoint(path, model, args=checkpoint["args"])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_resume_rejects_changed_model_flags_and_other_vocabulary(corpus_dir, tmp_path):
+    run(corpus_dir, tmp_path / "run", "--max-steps", "2")
+    with pytest.raises(UserInputError, match="--nhid 32 differs from the checkpoint's 16"):
+        train_rnn.main(["--resume", str(tmp_path / "run"), "--nhid", "32"])
+    other = write_corpus(tmp_path / "other", seed=5)
+    (other / "valid.txt").write_text("a b c d e f g h i j k l\n" * 20)
+    with pytest.raises(UserInputError, match="another vocabulary"):
+        train_rnn.main(["--resume", str(tmp_path / "run"), "--data", str(other)])
+
+
+def test_load_checkpoint_rejects_other_kinds_and_foreign_files(tmp_path, corpus_dir):
+    run(corpus_dir, tmp_path / "run", "--max-steps", "2")
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    checkpoint["kind"] = "DNC"
+    torch.save(checkpoint, tmp_path / "dnc.pt")
+    with pytest.raises(UserInputError, match="holds a DNC, not a LanguageModel"):
+        training.load_checkpoint(tmp_path / "dnc.pt", kind="LanguageModel")
+    checkpoint["kind"] = "LanguageModel"
+    checkpoint["config"]["emsize"] = 24
+    torch.save(checkpoint, tmp_path / "edited.pt")
+    with pytest.raises(UserInputError, match="does not fit"):
+        training.load_checkpoint(tmp_path / "edited.pt")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a pickled module, as old repositories saved
+    with pytest.raises(UserInputError, match="not a checkpoint this repository can read"):
+        training.load_checkpoint(tmp_path / "module.pt")
+    with pytest.raises(UserInputError, match="does not exist"):
+        training.load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_evaluate_is_token_weighted_whatever_the_window(corpus_dir):
+    torch.manual_seed(0)
+    corpus = Corpus(corpus_dir)
+    import models
+
+    args = train_rnn.build_parser().parse_args(["--emsize", "8", "--nhid", "8"])
+    model = models.LanguageModel(models.lm_config_from_args(args, len(corpus.dictionary)))
+    source = batchify(corpus.valid, 3)
+    whole = training.evaluate(model, source, bptt=source.size(0))
+    windows = training.evaluate(model, source, bptt=7)  # the last window is shorter
+    assert windows == pytest.approx(whole, rel=1e-6)
+
+
+def test_parse_args_records_explicit_flags():
+    args = training.parse_args(train_rnn.build_parser(), ["--nhid", "300", "--cuda", "--no-tied"])
+    assert args._explicit == ["cuda", "nhid", "tied"]
+    assert "_explicit" not in training.public_args(args)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = training.parse_args(train_rnn.build_parser(), ["--cuda"])
+    with pytest.raises(UserInputError, match="CUDA is not available"):
+        training.resolve_device(args)
