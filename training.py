@@ -163,6 +163,11 @@ class Run:
     def create(cls, args: argparse.Namespace, script: str) -> "Run":
         if args.run_dir:
             path = Path(args.run_dir)
+            if (path / "checkpoint.pt").exists() or (path / "best.pt").exists():
+                raise UserInputError(
+                    f"run folder {path} already holds checkpoints; continue it with --resume {path}, "
+                    f"or choose another --run-dir"
+                )
         else:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             path = Path("runs") / f"{args.name or script}-{stamp}"

@@ -143,6 +143,14 @@ def test_persistent_non_finite_loss_stops_and_keeps_checkpoints(corpus_dir, tmp_
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
+def test_new_run_refuses_a_folder_with_checkpoints(corpus_dir, tmp_path):
+    run(corpus_dir, tmp_path / "run", "--max-steps", "2")
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(UserInputError, match="already holds checkpoints; continue it with --resume"):
+        run(corpus_dir, tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
 def test_checkpoint_write_is_atomic(corpus_dir, tmp_path, monkeypatch):
     run(corpus_dir, tmp_path / "run", "--max-steps", "3")
     path = tmp_path / "run" / "checkpoint.pt"
