@@ -108,6 +108,24 @@ def public_args(args: argparse.Namespace) -> dict:
     return {key: value for key, value in vars(args).items() if not key.startswith("_")}
 
 
+def check_common_args(args: argparse.Namespace) -> None:
+    """Reject flag values the loop cannot use, naming the flag."""
+    positive = ["batch_size", "eval_batch_size", "bptt", "log_interval", "max_nonfinite"]
+    non_negative = ["epochs", "clip", "wdecay", "save_interval", "patience"]
+    for name in positive + non_negative:
+        value = getattr(args, name)
+        if value < 0 or (name in positive and value == 0):
+            raise UserInputError(f"--{name} must be {'positive' if name in positive else 'at least 0'}, got {value}")
+    for name in ("test_batch_size", "max_steps"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "test_batch_size" else 0):
+            raise UserInputError(f"--{name} must be positive, got {value}")
+    if not args.lr > 0:
+        raise UserInputError(f"--lr must be above 0, got {args.lr}")
+    if not 0 < args.lr_decay <= 1:
+        raise UserInputError(f"--lr-decay must be in (0, 1] (1 turns the plateau schedule off), got {args.lr_decay}")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -398,9 +416,11 @@ class LMTrainer:
         self.valid_data = batchify(corpus.valid, args.eval_batch_size, device)
         self.test_data = batchify(corpus.test, args.test_batch_size or args.eval_batch_size, device)
         self.optimizer = self.make_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=args.lr_decay, patience=args.patience
-        )
+        self.scheduler = None
+        if args.lr_decay < 1:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="min", factor=args.lr_decay, patience=args.patience
+            )
         self.state = TrainState()
         self.hidden = model.initial_state(args.batch_size, device)
         self.eval_batches = 2 if args.dry_run else None
@@ -422,14 +442,15 @@ class LMTrainer:
         return self.model.loss(features, targets), hidden
 
     def after_validation(self, valid_loss: float) -> None:
-        self.scheduler.step(valid_loss)
+        if self.scheduler is not None:
+            self.scheduler.step(valid_loss)
 
     # ---- checkpoints
 
     def checkpoint_contents(self) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "args": public_args(self.args),
             "vocab": self.corpus.dictionary.idx2word,
             "train_state": dataclasses.asdict(self.state),
@@ -446,7 +467,8 @@ class LMTrainer:
     def restore(self, checkpoint: dict) -> None:
         """Continue from a checkpoint written by `save` (weights already loaded into the model)."""
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.state = TrainState(**checkpoint["train_state"])
         self.hidden = state_from_tensors(self.hidden, checkpoint["hidden"])
         set_rng_state(checkpoint["rng"])
@@ -620,6 +642,7 @@ def run_language_model(args: argparse.Namespace, script: str) -> dict:
         if checkpoint.get("kind") != "LanguageModel":
             raise UserInputError(f"{checkpoint['path']} holds a {checkpoint.get('kind')}, not a language model")
         args = resume_args(args, checkpoint)
+    check_common_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args)

@@ -212,6 +212,28 @@ def test_evaluate_is_token_weighted_whatever_the_window(corpus_dir):
     assert windows == pytest.approx(whole, rel=1e-6)
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--bptt", "0", "--bptt must be positive"),
+    ("--lr", "-1", "--lr must be above 0"),
+    ("--clip", "-0.5", "--clip must be at least 0"),
+    ("--lr-decay", "1.5", "--lr-decay must be in"),
+    ("--max-steps", "-2", "--max_steps must be positive"),
+])
+def test_bad_flag_values_are_named(corpus_dir, tmp_path, flag, value, message):
+    with pytest.raises(UserInputError, match=message):
+        run(corpus_dir, tmp_path / "run", flag, value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_plateau_schedule_halves_the_rate_and_can_be_turned_off(corpus_dir, tmp_path):
+    # at a negligible rate, validation loss stops improving after the first epoch
+    run(corpus_dir, tmp_path / "decay", "--epochs", "3", "--lr", "1e-7", "--patience", "0")
+    lrs = [e["lr"] for e in read_log(tmp_path / "decay") if e["event"] == "valid"]
+    assert lrs == pytest.approx([1e-7, 0.5e-7, 0.25e-7], rel=1e-9)
+    run(corpus_dir, tmp_path / "flat", "--epochs", "3", "--lr", "1e-7", "--patience", "0", "--lr-decay", "1")
+    assert {e["lr"] for e in read_log(tmp_path / "flat") if e["event"] == "valid"} == {1e-7}
+
+
 def test_parse_args_records_explicit_flags():
     args = training.parse_args(train_rnn.build_parser(), ["--nhid", "300", "--cuda", "--no-tied"])
     assert args._explicit == ["cuda", "nhid", "tied"]
