@@ -17,6 +17,7 @@ import training
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training.add_common_args(parser)
+    training.add_lm_training_args(parser)
     models.add_lm_args(parser)
     parser.set_defaults(
         model="LSTM", emsize=300, nhid=300, nlayers=1, dropout=0.5, tied=True,

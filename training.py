@@ -13,6 +13,7 @@ in `cli`, which prints a `UserInputError` or `TrainingError` as one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -94,6 +95,28 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                        help="also write a resumable checkpoint every this many batches (0: at epoch ends only)")
 
 
+def add_lm_training_args(parser: argparse.ArgumentParser) -> None:
+    """Language-model training flags beyond the shared ones: AWD-LSTM's regularisers and NT-ASGD.
+
+    Their defaults switch everything off; `main.py` sets the paper's values.
+    """
+    group = parser.add_argument_group("language-model training (AWD-LSTM)")
+    group.add_argument("--alpha", type=float, default=0.0,
+                       help="activation regularisation: alpha * mean square of the dropped last-layer output")
+    group.add_argument("--beta", type=float, default=0.0,
+                       help="temporal activation regularisation: beta * mean square of the raw output's change")
+    group.add_argument("--variable-bptt", "--variable_bptt", dest="variable_bptt",
+                       action=argparse.BooleanOptionalAction, default=False,
+                       help="draw each window's length around --bptt and scale the step's lr by length/bptt")
+    group.add_argument("--nonmono", type=int, default=0,
+                       help="NT-ASGD: switch SGD to averaged SGD when validation loss is worse than the best "
+                            "of all but the last NONMONO evaluations (0: never)")
+    group.add_argument("--when", type=int, nargs="+", default=[],
+                       help="epochs after which the learning rate is divided by 10")
+    group.add_argument("--save", default=None, metavar="PATH",
+                       help="also write the best model to this checkpoint file")
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """`parser.parse_args`, recording in `args._explicit` which flags the user typed."""
     unset = object()
@@ -122,6 +145,9 @@ def check_common_args(args: argparse.Namespace) -> None:
             raise UserInputError(f"--{name} must be positive, got {value}")
     if not args.lr > 0:
         raise UserInputError(f"--lr must be above 0, got {args.lr}")
+    for name in ("alpha", "beta", "nonmono"):
+        if getattr(args, name, 0) < 0:
+            raise UserInputError(f"--{name} must be at least 0, got {getattr(args, name)}")
     if not 0 < args.lr_decay <= 1:
         raise UserInputError(f"--lr-decay must be in (0, 1] (1 turns the plateau schedule off), got {args.lr_decay}")
 
@@ -389,6 +415,26 @@ class StopSignals:
 # --------------------------------------------------------------------------- language-model training
 
 
+def variable_bptt_length(bptt: int) -> int:
+    """AWD-LSTM's window length: around bptt (p=0.95) or bptt/2, plus N(0, 5) noise, at least 5.
+
+    Draws from NumPy's global generator, whose state checkpoints save.
+    """
+    base = bptt if np.random.random() < 0.95 else bptt / 2.0
+    return max(5, int(np.random.normal(base, 5)))
+
+
+def nt_asgd_triggered(history: list[float], valid_loss: float, nonmono: int) -> bool:
+    """NT-ASGD's non-monotone trigger: `valid_loss` is worse than the best of all but the last `nonmono`.
+
+    Args:
+        history: earlier validation losses, oldest first (without `valid_loss`).
+        valid_loss: the newest validation loss.
+        nonmono: how many of the latest evaluations the comparison leaves out; 0 never triggers.
+    """
+    return nonmono > 0 and len(history) > nonmono and valid_loss > min(history[:-nonmono])
+
+
 @dataclasses.dataclass
 class TrainState:
     """Loop position and bookkeeping; with the weights, optimiser, RNG and hidden state it resumes a run."""
@@ -401,6 +447,8 @@ class TrainState:
     nonfinite_streak: int = 0
     skipped_steps: int = 0
     log_bytes: int = 0  # size of log.jsonl when the checkpoint was written
+    valid_history: list[float] = dataclasses.field(default_factory=list)  # every validation loss, in order
+    asgd: bool = False  # averaged SGD is on (after the NT-ASGD switch, or from the start when fine-tuning)
 
 
 class LMTrainer:
@@ -425,8 +473,10 @@ class LMTrainer:
         self.hidden = model.initial_state(args.batch_size, device)
         self.eval_batches = 2 if args.dry_run else None
 
-    def make_optimizer(self) -> torch.optim.Optimizer:
+    def make_optimizer(self, asgd: bool = False) -> torch.optim.Optimizer:
         params = self.model.parameters()
+        if asgd:  # averaging from the first step on, as AWD-LSTM's NT-ASGD
+            return torch.optim.ASGD(params, lr=self.args.lr, t0=0, lambd=0.0, weight_decay=self.args.wdecay)
         if self.args.optimizer == "adam":
             return torch.optim.Adam(params, lr=self.args.lr, weight_decay=self.args.wdecay)
         return torch.optim.SGD(params, lr=self.args.lr, weight_decay=self.args.wdecay)
@@ -434,16 +484,77 @@ class LMTrainer:
     # ---- hooks
 
     def sequence_length(self) -> int:
+        if getattr(self.args, "variable_bptt", False):
+            return variable_bptt_length(self.args.bptt)
         return self.args.bptt
 
-    def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, models.State]:
-        """Training loss of one window and the core's state after it."""
-        features, hidden = self.model(inputs, self.hidden)
-        return self.model.loss(features, targets), hidden
+    def compute_loss(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, models.State, torch.Tensor]:
+        """Loss to minimise for one window, the core's state after it, and the cross-entropy alone.
 
-    def after_validation(self, valid_loss: float) -> None:
+        With --alpha / --beta the loss adds activation regularisation on the dropped output and
+        temporal activation regularisation on the raw output of the core's last layer.
+        """
+        alpha, beta = getattr(self.args, "alpha", 0.0), getattr(self.args, "beta", 0.0)
+        features, hidden, (raw, dropped) = self.model(inputs, self.hidden, return_outputs=True)
+        cross_entropy = self.model.loss(features, targets)
+        loss = cross_entropy
+        if alpha:
+            loss = loss + alpha * dropped.pow(2).mean()
+        if beta and raw.size(0) > 1:
+            loss = loss + beta * (raw[1:] - raw[:-1]).pow(2).mean()
+        return loss, hidden, cross_entropy
+
+    def after_validation(self, valid_loss: float) -> str | None:
+        """NT-ASGD switch, --when decays and the plateau schedule; returns a stop reason or None."""
+        args, state = self.args, self.state
+        history = state.valid_history
+        triggered = nt_asgd_triggered(history, valid_loss, getattr(args, "nonmono", 0))
+        history.append(valid_loss)
+        if triggered and state.asgd and getattr(args, "stop_when_nonmono", False):
+            self.run.print(f"| validation loss stopped improving under averaged SGD: done (epoch {state.epoch})")
+            return "converged"
+        if triggered and not state.asgd and args.optimizer == "sgd":
+            self.switch_to_asgd()
+        if state.epoch in getattr(args, "when", []):
+            for group in self.optimizer.param_groups:
+                group["lr"] /= 10
+            self.run.print(f"| epoch {state.epoch} is in --when: learning rate divided by 10")
         if self.scheduler is not None:
             self.scheduler.step(valid_loss)
+        return None
+
+    def switch_optimizer_quietly(self) -> None:
+        self.state.asgd = True
+        self.optimizer = self.make_optimizer(asgd=True)
+        if self.scheduler is not None:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="min", factor=self.args.lr_decay, patience=self.args.patience
+            )
+
+    def switch_to_asgd(self) -> None:
+        self.switch_optimizer_quietly()
+        self.run.print(f"| switching to averaged SGD (NT-ASGD) after epoch {self.state.epoch}")
+        self.run.log("asgd", epoch=self.state.epoch, step=self.state.step)
+
+    @contextlib.contextmanager
+    def evaluation_weights(self) -> Iterator[None]:
+        """Under averaged SGD, swap the averaged weights into the model for evaluation and saving."""
+        saved = []
+        if self.state.asgd:
+            with torch.no_grad():
+                for param in self.model.parameters():
+                    average = self.optimizer.state.get(param, {}).get("ax")
+                    if average is not None:
+                        saved.append((param, param.detach().clone()))
+                        param.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in saved:
+                    param.copy_(value)
 
     # ---- checkpoints
 
@@ -462,14 +573,18 @@ class LMTrainer:
         self.state.log_bytes = self.run.log_size()
         path = self.run.path / name
         save_checkpoint(path, self.model, **self.checkpoint_contents())
+        if name == "best.pt" and getattr(self.args, "save", None):
+            save_checkpoint(Path(self.args.save), self.model, **self.checkpoint_contents())
         return path
 
     def restore(self, checkpoint: dict) -> None:
         """Continue from a checkpoint written by `save` (weights already loaded into the model)."""
+        self.state = TrainState(**checkpoint["train_state"])
+        if self.state.asgd:
+            self.switch_optimizer_quietly()
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.state = TrainState(**checkpoint["train_state"])
         self.hidden = state_from_tensors(self.hidden, checkpoint["hidden"])
         set_rng_state(checkpoint["rng"])
         self.run.truncate_log(self.state.log_bytes)
@@ -477,11 +592,25 @@ class LMTrainer:
     # ---- the loop
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float | None:
-        """One optimiser step; returns the loss, or None when the step was skipped as non-finite."""
+        """One optimiser step; returns the cross-entropy, or None when the step was skipped as non-finite.
+
+        With --variable-bptt the step's learning rate is scaled by window length / bptt.
+        """
+        lr_scale = inputs.size(0) / self.args.bptt if getattr(self.args, "variable_bptt", False) else 1.0
+        base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= lr_scale
+        try:
+            return self._train_step(inputs, targets)
+        finally:
+            for group, lr in zip(self.optimizer.param_groups, base_lrs):
+                group["lr"] = lr
+
+    def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float | None:
         self.model.train()
         self.hidden = detach_state(self.hidden)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, next_hidden = self.compute_loss(inputs, targets)
+        loss, next_hidden, cross_entropy = self.compute_loss(inputs, targets)
         if torch.isfinite(loss):
             loss.backward()
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -493,7 +622,7 @@ class LMTrainer:
                 self.optimizer.step()
                 self.hidden = next_hidden
                 self.state.nonfinite_streak = 0
-                return loss.item()
+                return cross_entropy.item()
         self.optimizer.zero_grad(set_to_none=True)
         self.hidden = self.model.initial_state(self.args.batch_size, self.device)
         self.state.nonfinite_streak += 1
@@ -516,15 +645,16 @@ class LMTrainer:
         args, state = self.args, self.state
         stop_reason = None
         with StopSignals() as signals:
-            while state.epoch <= args.epochs and stop_reason is None:
+            last_epoch = state.epoch if args.dry_run else args.epochs
+            while state.epoch <= last_epoch and stop_reason is None:
                 stop_reason = self.train_epoch(signals)
                 if stop_reason is None:
-                    self.end_epoch()
+                    stop_reason = self.end_epoch()
         if stop_reason == "terminate":
             path = self.save()
             self.run.print(f"| terminated: saved resumable checkpoint {path}")
             return {"stopped": stop_reason, "checkpoint": str(path)}
-        if stop_reason is not None:
+        if stop_reason not in (None, "converged"):
             path = self.save()
             self.run.print(f"| stopped ({stop_reason}) at step {state.step}: saved resumable checkpoint {path}; "
                            f"continue with --resume {self.run.path}")
@@ -581,24 +711,31 @@ class LMTrainer:
         self.run.log("train", epoch=self.state.epoch, step=self.state.step, lr=lr, loss=loss,
                      ppl=perplexity(loss), ms_per_batch=ms_per_batch, tokens_per_s=tokens / elapsed)
 
-    def end_epoch(self) -> None:
+    def end_epoch(self) -> str | None:
+        """Validate (with averaged weights under ASGD), keep the best model, apply schedules, checkpoint.
+
+        Returns a stop reason (fine-tuning converged) or None.
+        """
         state = self.state
         started = time.perf_counter()
-        valid_loss = evaluate(self.model, self.valid_data, self.args.bptt, self.eval_batches)
-        self.after_validation(valid_loss)
-        improved = valid_loss < state.best_valid_loss
-        if improved:
-            state.best_valid_loss, state.best_epoch = valid_loss, state.epoch
+        with self.evaluation_weights():
+            valid_loss = evaluate(self.model, self.valid_data, self.args.bptt, self.eval_batches)
+            improved = valid_loss < state.best_valid_loss
+            if improved:
+                state.best_valid_loss, state.best_epoch = valid_loss, state.epoch
+                self.save("best.pt")
         self.run.print(f"| end of epoch {state.epoch:3d} | valid loss {valid_loss:5.2f} | "
-                       f"valid ppl {perplexity(valid_loss):8.2f}{' | best' if improved else ''}")
+                       f"valid ppl {perplexity(valid_loss):8.2f}{' | best' if improved else ''}"
+                       f"{' | averaged weights' if state.asgd else ''}")
         self.run.log("valid", epoch=state.epoch, step=state.step, loss=valid_loss, ppl=perplexity(valid_loss),
-                     lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
+                     lr=self.optimizer.param_groups[0]["lr"], asgd=state.asgd,
+                     seconds=time.perf_counter() - started)
+        stop_reason = self.after_validation(valid_loss)
         state.epoch += 1
         state.position = 0
         self.hidden = self.model.initial_state(self.args.batch_size, self.device)
-        if improved:
-            self.save("best.pt")
         self.save()
+        return stop_reason
 
     def final_evaluation(self) -> dict:
         """Valid and test loss of the best model so far (the current one if nothing was validated yet)."""
@@ -635,8 +772,31 @@ def resume_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespac
     return merged
 
 
-def run_language_model(args: argparse.Namespace, script: str) -> dict:
-    """Build corpus, model and trainer from flags (or from a checkpoint with --resume), train, test."""
+def check_vocabulary(checkpoint: dict, corpus: Corpus, data: str) -> None:
+    if checkpoint["vocab"] != corpus.dictionary.idx2word:
+        raise UserInputError(
+            f"{checkpoint['path']} was trained on another vocabulary ({len(checkpoint['vocab'])} words) than "
+            f"{data} ({len(corpus.dictionary)} words); pass the --data it was trained on"
+        )
+
+
+def run_language_model(
+    args: argparse.Namespace,
+    script: str,
+    config_fn: Callable[[argparse.Namespace, int], models.LMConfig] = models.lm_config_from_args,
+    finetune_from: str | None = None,
+) -> dict:
+    """Build corpus, model and trainer from flags, train, and test the best model.
+
+    Args:
+        args: parsed flags (`parse_args`).
+        script: the script's name, for the run folder and logs.
+        config_fn: builds the model config from the flags and the vocabulary size.
+        finetune_from: a checkpoint whose weights start a new run under averaged SGD that stops
+            when validation stops improving (AWD-LSTM's finetune.py).
+
+    With `args.resume` the run continues from its checkpoint instead (see `resume_args`).
+    """
     checkpoint = read_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
         if checkpoint.get("kind") != "LanguageModel":
@@ -649,16 +809,17 @@ def run_language_model(args: argparse.Namespace, script: str) -> dict:
     seed_everything(args.seed)
     corpus = Corpus(args.data)
     if checkpoint is not None:
-        if checkpoint["vocab"] != corpus.dictionary.idx2word:
-            raise UserInputError(
-                f"{checkpoint['path']} was trained on another vocabulary ({len(checkpoint['vocab'])} words) than "
-                f"{args.data} ({len(corpus.dictionary)} words); pass the --data it was trained on"
-            )
+        check_vocabulary(checkpoint, corpus, args.data)
         model, _ = load_checkpoint(checkpoint["path"], device, kind="LanguageModel")
         run = Run(Path(checkpoint["path"]).parent)
+    elif finetune_from is not None:
+        model, start = load_checkpoint(finetune_from, device, kind="LanguageModel")
+        check_vocabulary(start, corpus, args.data)
+        run = Run.create(args, script)
+        run.log("finetune", start=start["path"])
     else:
         try:
-            config = models.lm_config_from_args(args, len(corpus.dictionary))
+            config = config_fn(args, len(corpus.dictionary))
         except ValueError as error:
             raise UserInputError(str(error)) from None
         model = models.LanguageModel(config).to(device)
@@ -668,6 +829,9 @@ def run_language_model(args: argparse.Namespace, script: str) -> dict:
         trainer.restore(checkpoint)
         run.log("resume", step=trainer.state.step, epoch=trainer.state.epoch)
         run.print(f"| resumed {checkpoint['path']} at epoch {trainer.state.epoch}, step {trainer.state.step}")
+    elif finetune_from is not None:
+        trainer.switch_optimizer_quietly()
+        run.print(f"| fine-tuning {finetune_from} with averaged SGD")
     parameters = sum(p.numel() for p in model.parameters())
     run.print(f"| {script}: {model.config.core} language model, {parameters:,} parameters, "
               f"vocabulary {len(corpus.dictionary):,}, device {device}, run folder {run.path}")

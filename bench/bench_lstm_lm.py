@@ -3,10 +3,14 @@
 One `LanguageModel` (the LSTM baseline of the RMC LM benchmark: embedding 300, hidden 300,
 1 layer, tied full softmax, dropout 0.5, bptt 100) runs with `implementation="fused"`
 (`nn.LSTM`) and `implementation="loop"` (explicit per-step cell) on the same weights, after
-a check that both give the same loss. Two passes are timed per batch size:
+a check that both give the same loss. Two scopes are timed: `lm`, the whole language model
+(embedding, core, 33k-word softmax and loss), and `core`, the LSTM alone on random
+embeddings (the softmax dominates the whole model's time and hides the core's difference).
+Two passes are timed per scope and batch size:
 
 - forward: `model.eval()` under `torch.no_grad()`, features and the mean loss;
-- forward+backward: `model.train()`, `loss = model.loss(features, targets)`, `loss.backward()`.
+- forward+backward: `model.train()`, `loss = model.loss(features, targets)`, `loss.backward()`
+  (core scope: the mean square of the core's output as the loss).
 
 The variants are interleaved in rounds (fused, loop, fused, loop, ...) so that drift on a
 shared machine hits both; each figure is the median over `--repeats` rounds, and loop/fused
@@ -48,6 +52,7 @@ EMSIZE = 300
 HIDDEN_SIZE = 300
 DROPOUT = 0.5
 PASSES = ("forward", "forward+backward")
+SCOPES = ("lm", "core")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="batch sizes to time, each with both passes")
     parser.add_argument("--vocab", type=int, default=33278, help="vocabulary size (33278: WikiText-2)")
     parser.add_argument("--bptt", type=int, default=100, help="time steps per batch")
+    parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(SCOPES),
+                        help="lm: the whole language model; core: the LSTM alone")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (intra-op CPU threads)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds per (batch size, pass); a round runs each implementation once")
@@ -114,10 +121,35 @@ def forward_backward_loss(model: LanguageModel, inputs: torch.Tensor, targets: t
     return loss.detach()
 
 
-PASS_FUNCTIONS: dict[str, Callable[[LanguageModel, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "forward": forward_loss,
-    "forward+backward": forward_backward_loss,
+def core_forward(model: LanguageModel, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The core alone on embeddings `inputs` [T, B, E], without a graph; `targets` is unused."""
+    with torch.no_grad():
+        output, _ = model.core(inputs)
+        return output.pow(2).mean()
+
+
+def core_forward_backward(model: LanguageModel, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The core alone, with gradients of the mean square of its output."""
+    output, _ = model.core(inputs)
+    loss = output.pow(2).mean()
+    loss.backward()
+    return loss.detach()
+
+
+PASS_FUNCTIONS: dict[tuple[str, str], Callable[[LanguageModel, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    ("lm", "forward"): forward_loss,
+    ("lm", "forward+backward"): forward_backward_loss,
+    ("core", "forward"): core_forward,
+    ("core", "forward+backward"): core_forward_backward,
 }
+
+
+def scope_inputs(scope: str, inputs: torch.Tensor, seed: int) -> torch.Tensor:
+    """Token ids [T, B] for the lm scope; random embeddings [T, B, E] for the core scope."""
+    if scope == "lm":
+        return inputs
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*inputs.shape, EMSIZE, generator=generator).to(inputs.device)
 
 
 def set_implementation(model: LanguageModel, implementation: str) -> None:
@@ -135,21 +167,21 @@ def check_same_loss(
         {pass name: |loss(fused) - loss(loop)|}.
     """
     differences = {}
-    for pass_name, run_pass in PASS_FUNCTIONS.items():
+    for (scope, pass_name), run_pass in PASS_FUNCTIONS.items():
         model.train(pass_name == "forward+backward")
         losses = {}
         for implementation in IMPLEMENTATIONS:
             set_implementation(model, implementation)
             model.zero_grad(set_to_none=True)
             torch.manual_seed(seed)
-            losses[implementation] = run_pass(model, inputs, targets).item()
+            losses[implementation] = run_pass(model, scope_inputs(scope, inputs, seed), targets).item()
         difference = abs(losses["fused"] - losses["loop"])
         if not difference <= tolerance:
             raise RuntimeError(
-                f"{pass_name}: fused loss {losses['fused']:.6f} and loop loss {losses['loop']:.6f} differ by "
+                f"{scope} {pass_name}: fused loss {losses['fused']:.6f} and loop loss {losses['loop']:.6f} differ by "
                 f"{difference:.2e} > --tolerance {tolerance:g}; the two implementations do not compute the same model"
             )
-        differences[pass_name] = difference
+        differences[f"{scope} {pass_name}"] = difference
     model.zero_grad(set_to_none=True)
     return differences
 
@@ -161,6 +193,7 @@ def synchronize(device: torch.device) -> None:
 
 def time_rounds(
     model: LanguageModel,
+    scope: str,
     pass_name: str,
     inputs: torch.Tensor,
     targets: torch.Tensor,
@@ -172,7 +205,7 @@ def time_rounds(
     Returns:
         {implementation: [seconds of round 1, round 2, ...]}.
     """
-    run_pass = PASS_FUNCTIONS[pass_name]
+    run_pass = PASS_FUNCTIONS[scope, pass_name]
     model.train(pass_name == "forward+backward")
     device = inputs.device
     seconds: dict[str, list[float]] = {implementation: [] for implementation in IMPLEMENTATIONS}
@@ -191,10 +224,10 @@ def time_rounds(
     return seconds
 
 
-def summarize(batch_size: int, bptt: int, pass_name: str, seconds: dict[str, list[float]]) -> dict:
+def summarize(scope: str, batch_size: int, bptt: int, pass_name: str, seconds: dict[str, list[float]]) -> dict:
     """One table row: medians, tokens per second, and loop/fused from the medians and from each round."""
     tokens = bptt * batch_size
-    row: dict = {"batch_size": batch_size, "pass": pass_name, "tokens_per_batch": tokens}
+    row: dict = {"scope": scope, "batch_size": batch_size, "pass": pass_name, "tokens_per_batch": tokens}
     for implementation in IMPLEMENTATIONS:
         median = statistics.median(seconds[implementation])
         row[f"{implementation}_ms"] = 1000 * median
@@ -235,13 +268,13 @@ def machine_info(device: torch.device) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        f"{'batch':>5}  {'pass':<16}  {'fused ms':>9}  {'loop ms':>9}  {'fused tok/s':>11}  {'loop tok/s':>10}  "
+        f"{'scope':<5}  {'batch':>5}  {'pass':<16}  {'fused ms':>9}  {'loop ms':>9}  {'fused tok/s':>11}  {'loop tok/s':>10}  "
         f"{'loop/fused':>10}  {'per round':>11}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
-            f"{row['batch_size']:>5}  {row['pass']:<16}  {row['fused_ms']:>9.1f}  {row['loop_ms']:>9.1f}  "
+            f"{row['scope']:<5}  {row['batch_size']:>5}  {row['pass']:<16}  {row['fused_ms']:>9.1f}  {row['loop_ms']:>9.1f}  "
             f"{row['fused_tokens_per_s']:>11.0f}  {row['loop_tokens_per_s']:>10.0f}  {row['loop_over_fused']:>10.2f}  "
             f"{row['round_ratio_min']:>5.2f}-{row['round_ratio_max']:.2f}"
         )
@@ -269,12 +302,14 @@ def main(argv: list[str] | None = None) -> dict:
     print("same loss: " + ", ".join(f"{name} |fused - loop| = {value:.1e}" for name, value in differences.items()))
 
     rows = []
-    for batch_size in args.batch_sizes:
-        inputs, targets = random_batch(args.vocab, args.bptt, batch_size, args.seed, args.device)
-        for pass_name in PASSES:
-            seconds = time_rounds(model, pass_name, inputs, targets, args.warmup, args.repeats)
-            rows.append(summarize(batch_size, args.bptt, pass_name, seconds))
-            print(f"  done: batch {batch_size}, {pass_name}", file=sys.stderr, flush=True)
+    for scope in args.scopes:
+        for batch_size in args.batch_sizes:
+            tokens, targets = random_batch(args.vocab, args.bptt, batch_size, args.seed, args.device)
+            inputs = scope_inputs(scope, tokens, args.seed)
+            for pass_name in PASSES:
+                seconds = time_rounds(model, scope, pass_name, inputs, targets, args.warmup, args.repeats)
+                rows.append(summarize(scope, batch_size, args.bptt, pass_name, seconds))
+                print(f"  done: {scope}, batch {batch_size}, {pass_name}", file=sys.stderr, flush=True)
     print(format_table(rows))
     print("medians of the timed rounds; loop/fused = loop ms / fused ms (above 1: the loop is slower); "
           "per round: range of that ratio within single rounds")
@@ -284,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine,
         "config": {
             "emsize": EMSIZE, "hidden_size": HIDDEN_SIZE, "num_layers": 1, "tied": True, "dropout": DROPOUT,
-            "vocab": args.vocab, "bptt": args.bptt, "batch_sizes": args.batch_sizes,
+            "vocab": args.vocab, "bptt": args.bptt, "batch_sizes": args.batch_sizes, "scopes": args.scopes,
             "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed,
         },
         "loss_differences": differences,

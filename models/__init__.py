@@ -6,6 +6,7 @@ Importing this package registers every core (`models.CORES`).
 from models.core import CORES, Core, State, build_core, detach_state, get_core_class, register_core
 from models.lm import LanguageModel, LMConfig, add_lm_args, lm_config_from_args
 from models.rnn import GRU, LSTM, GRUState, LSTMState, RNNConfig
+from models.awd import AWDConfig, AWDStack
 
 # Model classes a checkpoint can name, with their config dataclass (see training.load_checkpoint).
 MODEL_CLASSES = {"LanguageModel": (LanguageModel, LMConfig)}
@@ -13,5 +14,5 @@ MODEL_CLASSES = {"LanguageModel": (LanguageModel, LMConfig)}
 __all__ = [
     "CORES", "Core", "State", "build_core", "detach_state", "get_core_class", "register_core",
     "LanguageModel", "LMConfig", "add_lm_args", "lm_config_from_args",
-    "GRU", "LSTM", "GRUState", "LSTMState", "RNNConfig", "MODEL_CLASSES",
+    "GRU", "LSTM", "GRUState", "LSTMState", "RNNConfig", "AWDConfig", "AWDStack", "MODEL_CLASSES",
 ]

@@ -2,6 +2,10 @@
 
 embedding -> dropout -> core -> dropout -> [projection] -> head
 
+Dropout is standard by default; with `locked_dropout=True` (AWD-LSTM) it is variational,
+one mask per sequence shared over time, and `dropoute` drops whole word types from the
+embedding. `dropouti` is the dropout on the embeddings (default: `dropout`).
+
 The head is a full softmax (`nn.Linear` decoder, optionally tied to the embedding) or an
 adaptive softmax (`nn.AdaptiveLogSoftmaxWithLoss`, Grave et al. 2016), owned by the model
 so it is optimised and saved with it. When weights are tied and the core's output width
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.core import CORES, State, build_core, get_core_class
+from models.regularizers import embedding_dropout, locked_dropout
 
 
 @dataclasses.dataclass
@@ -30,7 +35,10 @@ class LMConfig:
     core: str = "LSTM"
     core_config: dict = dataclasses.field(default_factory=dict)
     emsize: int = 300
-    dropout: float = 0.5  # on the embeddings and on the core's output
+    dropout: float = 0.5  # on the core's output (and on the embeddings unless dropouti is set)
+    dropouti: float | None = None  # on the embeddings; None: the same as dropout
+    dropoute: float = 0.0  # probability of dropping a whole word type from the embedding
+    locked_dropout: bool = False  # variational (one mask per sequence) instead of standard dropout
     tie_weights: bool = True
     adaptive_softmax: bool = False
     cutoffs: list[int] = dataclasses.field(default_factory=list)
@@ -42,8 +50,10 @@ class LMConfig:
             raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
         if self.emsize < 1:
             raise ValueError(f"emsize must be positive, got {self.emsize}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "dropouti", "dropoute"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.adaptive_softmax:
             check_cutoffs(self.cutoffs, self.vocab_size)
             if self.tie_weights:
@@ -71,7 +81,6 @@ class LanguageModel(nn.Module):
         self.config = config
         self.encoder = nn.Embedding(config.vocab_size, config.emsize)
         self.core = build_core(config.core, config.core_config)
-        self.drop = nn.Dropout(config.dropout)
         core_size = self.core.output_size
         features = config.emsize if config.tie_weights else core_size
         self.projection = nn.Linear(core_size, features) if core_size != features else None
@@ -103,22 +112,34 @@ class LanguageModel(nn.Module):
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return self.core.initial_state(batch_size, device)
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        if self.config.locked_dropout:
+            return locked_dropout(x, p, self.training)
+        return F.dropout(x, p, self.training)
+
+    def forward(
+        self, tokens: torch.Tensor, state: State | None = None, return_outputs: bool = False
+    ) -> tuple[torch.Tensor, State] | tuple[torch.Tensor, State, tuple[torch.Tensor, torch.Tensor]]:
         """Features for the head.
 
         Args:
             tokens: LongTensor [T, B].
             state: the core's state, or None for a fresh one.
+            return_outputs: also return the core's output before and after dropout (for AR/TAR).
 
         Returns:
-            features [T, B, D] (pass to `loss` or `log_probs`) and the core's new state.
+            features [T, B, D] (pass to `loss` or `log_probs`), the core's new state, and with
+            `return_outputs` the pair (raw core output [T, B, H], dropped core output [T, B, H]).
         """
-        embedded = self.drop(self.encoder(tokens))  # [T, B, E]
-        output, state = self.core(embedded, state)
-        output = self.drop(output)
-        if self.projection is not None:
-            output = self.projection(output)
-        return output, state
+        config = self.config
+        embedded = embedding_dropout(self.encoder.weight, tokens, config.dropoute, self.training)  # [T, B, E]
+        embedded = self._dropout(embedded, config.dropout if config.dropouti is None else config.dropouti)
+        raw, state = self.core(embedded, state)
+        dropped = self._dropout(raw, config.dropout)
+        features = self.projection(dropped) if self.projection is not None else dropped
+        if return_outputs:
+            return features, state, (raw, dropped)
+        return features, state
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Negative log-likelihood of `targets` [T, B] under `features` [T, B, D] ('mean' or 'sum')."""
@@ -148,7 +169,13 @@ def add_lm_args(parser: argparse.ArgumentParser) -> None:
         help=f"recurrent core: {', '.join(cls.name for cls in CORES.values())}",
     )
     group.add_argument("--emsize", type=int, default=300, help="word embedding size")
-    group.add_argument("--dropout", type=float, default=0.5, help="dropout on embeddings and on the core's output")
+    group.add_argument("--dropout", type=float, default=0.5,
+                       help="dropout on the core's output (and on the embeddings unless --dropouti is given)")
+    group.add_argument("--dropouti", type=float, default=None, help="dropout on the embeddings")
+    group.add_argument("--dropoute", type=float, default=0.0, help="probability of dropping whole word types")
+    group.add_argument("--locked-dropout", "--locked_dropout", dest="locked_dropout",
+                       action=argparse.BooleanOptionalAction, default=False,
+                       help="variational dropout: one mask per sequence, shared over time (AWD-LSTM)")
     group.add_argument(
         "--tied", action=argparse.BooleanOptionalAction, default=True,
         help="tie the decoder to the embedding (full softmax only; a projection is added when sizes differ)",
@@ -167,9 +194,12 @@ def add_lm_args(parser: argparse.ArgumentParser) -> None:
         cls.add_args(parser)
 
 
-def lm_config_from_args(args: argparse.Namespace, vocab_size: int) -> LMConfig:
-    """Build the model config from parsed flags; raises ValueError on a bad combination."""
-    core_class = get_core_class(args.model)
+def lm_config_from_args(args: argparse.Namespace, vocab_size: int, core: str | None = None) -> LMConfig:
+    """Build the model config from parsed flags; raises ValueError on a bad combination.
+
+    `core` overrides `--model` as the registered core's name (e.g. main.py maps LSTM to AWD).
+    """
+    core_class = get_core_class(core or args.model)
     core_config: Any = core_class.config_from_args(args, args.emsize)
     return LMConfig(
         vocab_size=vocab_size,
@@ -177,6 +207,9 @@ def lm_config_from_args(args: argparse.Namespace, vocab_size: int) -> LMConfig:
         core_config=dataclasses.asdict(core_config),
         emsize=args.emsize,
         dropout=args.dropout,
+        dropouti=args.dropouti,
+        dropoute=args.dropoute,
+        locked_dropout=args.locked_dropout,
         tie_weights=args.tied and not args.adaptivesoftmax,
         adaptive_softmax=args.adaptivesoftmax,
         cutoffs=args.cutoffs,

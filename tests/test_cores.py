@@ -7,28 +7,42 @@ import torch
 
 import models
 from models.core import detach_state, map_state, state_from_tensors, state_tensors
+from models.awd import AWDConfig
 from models.rnn import RNNConfig
 
 T, B, D, H = 7, 3, 5, 6
 
+# Small configurations of every registered core: {core name: {case: config overrides}}.
+VARIANTS = {
+    "lstm": {"fused": {"implementation": "fused"}, "loop": {"implementation": "loop"}},
+    "gru": {"fused": {"implementation": "fused"}, "loop": {"implementation": "loop"}},
+    "awd": {"lstm": {"cell": "LSTM"}, "gru": {"cell": "GRU"}},
+}
+
 
 def make_core(name: str, **overrides) -> models.Core:
-    """A small instance of a registered core; later cores add their own small configs here."""
+    """A small instance of a registered core."""
     cls = models.get_core_class(name)
     if cls.Config is RNNConfig:
         config = RNNConfig(input_size=D, hidden_size=H, num_layers=2, **overrides)
+    elif cls.Config is AWDConfig:
+        config = AWDConfig(input_size=D, hidden_size=H, output_size=4, num_layers=2, wdrop=0.3, **overrides)
     else:  # pragma: no cover - every core must be listed above
         raise AssertionError(f"no small config for core {name}")
     return cls(config)
 
 
-CORE_CASES = [(name, impl) for name in sorted(models.CORES) for impl in ("fused", "loop")]
+def test_every_registered_core_has_test_variants():
+    assert set(VARIANTS) == set(models.CORES)
 
 
-@pytest.mark.parametrize("name,implementation", CORE_CASES)
-def test_contract_shapes_and_state_structure(name, implementation):
+CORE_CASES = [(name, case) for name in sorted(VARIANTS) for case in VARIANTS[name]]
+
+
+@pytest.mark.parametrize("name,case", CORE_CASES)
+def test_contract_shapes_and_state_structure(name, case):
     torch.manual_seed(0)
-    core = make_core(name, implementation=implementation)
+    core = make_core(name, **VARIANTS[name][case]).eval()
     x = torch.randn(T, B, D)
     output, state = core(x)
     assert output.shape == (T, B, core.output_size)
@@ -40,10 +54,10 @@ def test_contract_shapes_and_state_structure(name, implementation):
     assert torch.equal(output, second)  # state=None is a fresh, deterministic state
 
 
-@pytest.mark.parametrize("name,implementation", CORE_CASES)
-def test_two_chunks_with_carried_state_equal_one_run(name, implementation):
+@pytest.mark.parametrize("name,case", CORE_CASES)
+def test_two_chunks_with_carried_state_equal_one_run(name, case):
     torch.manual_seed(0)
-    core = make_core(name, implementation=implementation).eval()
+    core = make_core(name, **VARIANTS[name][case]).eval()
     x = torch.randn(T, B, D)
     whole, whole_state = core(x)
     first, state = core(x[:3])
@@ -53,7 +67,7 @@ def test_two_chunks_with_carried_state_equal_one_run(name, implementation):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(models.CORES))
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
 def test_batch_first_transposes_input_and_output(name):
     torch.manual_seed(0)
     time_major = make_core(name)

@@ -1,0 +1,49 @@
+"""AWD-LSTM language model (Merity et al. 2017, "Regularizing and optimizing LSTM language models").
+
+Embedding 400 -> 3 weight-dropped LSTM layers (400 -> 1150 -> 1150 -> 400) -> tied softmax,
+with variational dropout on inputs (--dropouti), between layers (--dropouth) and outputs
+(--dropout), embedding dropout (--dropoute), DropConnect on hidden-to-hidden weights
+(--wdrop), AR/TAR (--alpha/--beta), variable-length BPTT with the lr scaled by length, and
+NT-ASGD: SGD until validation stops improving (--nonmono), then averaged SGD, evaluated and
+saved with the averaged weights. `--model GRU` swaps the cell; any other registered core
+(e.g. from `python train_rnn.py --help`) runs with the same regularisers except weight drop.
+
+    python main.py --batch_size 20 --data data/penn --dropouti 0.4 --dropouth 0.25 --seed 141 --epochs 500 --save PTB.pt
+"""
+
+import argparse
+
+import models
+import training
+from models.awd import CELLS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training.add_common_args(parser)
+    training.add_lm_training_args(parser)
+    models.add_lm_args(parser)
+    parser.set_defaults(
+        data="data/penn", model="LSTM", emsize=400, nhid=1150, nlayers=3, tied=True, locked_dropout=True,
+        dropout=0.4, dropouth=0.3, dropouti=0.65, dropoute=0.1, wdrop=0.5, alpha=2.0, beta=1.0,
+        optimizer="sgd", lr=30.0, clip=0.25, wdecay=1.2e-6, lr_decay=1.0, nonmono=5, variable_bptt=True,
+        epochs=8000, batch_size=80, eval_batch_size=10, test_batch_size=1, bptt=70, seed=1111, log_interval=200,
+    )
+    return parser
+
+
+def awd_config(args: argparse.Namespace, vocab_size: int) -> models.LMConfig:
+    """`--model LSTM|GRU` is the AWD stack with that cell; other cores are used as they are."""
+    if args.model.upper() in CELLS:
+        args.awd_cell = args.model.upper()
+        return models.lm_config_from_args(args, vocab_size, core="AWD")
+    return models.lm_config_from_args(args, vocab_size)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = training.parse_args(build_parser(), argv)
+    return training.run_language_model(args, script="main", config_fn=awd_config)
+
+
+if __name__ == "__main__":
+    training.cli(main)
