@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="queries per score matrix in cache_pointer; each is timed")
     parser.add_argument("--ref-tokens", "--ref_tokens", dest="ref_tokens", type=int, default=None,
                         help="time cache_pointer_ref on this prefix of the stream and scale to --n (default: all)")
+    parser.add_argument("--original-tokens", "--original_tokens", dest="original_tokens", type=int, default=1501,
+                        help="prefix on which to time the original pointer.py's algorithm (one-hot history over "
+                             "the vocabulary, one token at a time), scaled per pointer position to N (0: skip)")
     parser.add_argument("--forward", action=argparse.BooleanOptionalAction, default=True,
                         help="time the AWD-LSTM-sized forward pass (several minutes on one CPU thread)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (intra-op CPU threads)")
@@ -112,6 +115,29 @@ def random_stream(
     words = torch.multinomial(word_weights, num_tokens + 1, replacement=True, generator=generator)
     target_log_probs = -10 * torch.rand(num_tokens, generator=generator)
     return hidden, words, target_log_probs
+
+
+@torch.no_grad()
+def original_pointer_per_token(
+    hidden: torch.Tensor, targets: torch.Tensor, vocab_probs: torch.Tensor, window: int, theta: float,
+    lambdah: float,
+) -> torch.Tensor:
+    """AWD-LSTM pointer.py's algorithm, re-typed for timing: per token, a dense [window, V] one-hot history.
+
+    hidden [N, D], targets [N], vocab_probs [N, V] (softmax output) -> log p(targets) [N].
+    """
+    next_word_history = torch.nn.functional.one_hot(targets, vocab_probs.size(1)).float()  # [N, V]
+    out = torch.empty(targets.numel())
+    for position in range(targets.numel()):
+        probs = vocab_probs[position]
+        if position > window:
+            valid_next_word = next_word_history[position - window : position]  # [W, V]
+            logits = torch.mv(hidden[position - window : position], hidden[position])  # [W]
+            attention = torch.softmax(theta * logits, dim=0).view(-1, 1)  # [W, 1]
+            pointer_probs = (attention.expand_as(valid_next_word) * valid_next_word).sum(0)  # [V]
+            probs = lambdah * pointer_probs + (1 - lambdah) * probs
+        out[position] = torch.log(probs[targets[position]])
+    return out
 
 
 def synchronize(device: torch.device) -> None:
@@ -247,6 +273,30 @@ def main(argv: list[str] | None = None) -> dict:
         "with the cache": -full_result.double().mean().item(),
     }
 
+    original = None
+    if args.original_tokens:
+        prefix_original = min(args.original_tokens, args.n)
+        # a full vocabulary distribution per token, as the original needs, whose target entries match ours
+        generator = torch.Generator().manual_seed(args.seed)
+        vocab_logits = torch.randn(prefix_original, args.vocab, generator=generator)
+        vocab_logits[torch.arange(prefix_original), targets[:prefix_original].cpu()] = -1e9
+        target_p = target_log_probs[:prefix_original].cpu().double().exp().float()
+        vocab_probs = torch.softmax(vocab_logits, dim=1) * (1 - target_p).unsqueeze(1)
+        vocab_probs[torch.arange(prefix_original), targets[:prefix_original].cpu()] = target_p
+        original_seconds, original_result = timed(lambda: original_pointer_per_token(
+            hidden[:prefix_original].cpu(), targets[:prefix_original].cpu(), vocab_probs, args.window, args.theta,
+            args.lambdah), torch.device("cpu"))
+        positions = max(1, prefix_original - (args.window + 1))
+        original = {
+            "tokens": prefix_original, "seconds": original_seconds,
+            "us_per_pointer_position": 1e6 * original_seconds / positions,
+            "seconds_for_n": original_seconds * pointer_positions_all / positions,
+            "max_difference": (original_result.double()
+                               - cache_pointer_ref(hidden[:prefix_original], targets[:prefix_original],
+                                                   target_log_probs[:prefix_original], args.window, args.theta,
+                                                   args.lambdah).cpu().double()).abs().max().item(),
+        }
+
     forward = None
     if args.forward:
         model = AWDLSTMSizedModel(args.vocab).to(device).eval()
@@ -265,6 +315,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"(log-probabilities; cache_pointer in float32, the reference in float64)")
     print(f"mean NLL of the random stream: {mean_nll['vocabulary alone']:.4f} vocabulary alone, "
           f"{mean_nll['with the cache']:.4f} with the cache")
+    if original is not None:
+        print(f"original pointer.py algorithm (one-hot history, per token): {original['seconds']:.2f} s over the first "
+              f"{original['tokens']} tokens, {original['us_per_pointer_position']:.0f} us per pointer position; "
+              f"scaled to {args.n} tokens: {original['seconds_for_n']:.1f} s (an estimate); "
+              f"max |original - cache_pointer_ref| {original['max_difference']:.1e}")
     if forward is not None:
         print(f"forward over {args.n} tokens, batch 1, bptt {args.bptt}: {forward['forward_s']:.2f} s "
               f"(embedding + 3 LSTMs {forward['recurrent_s']:.2f} s, decoder + log_softmax + gather "
@@ -280,8 +335,11 @@ def main(argv: list[str] | None = None) -> dict:
             row["cache_share"] = row["cache_s"] / (forward["forward_s"] + row["cache_s"])
             row["ref_share"] = ref_scaled_seconds / (forward["forward_s"] + ref_scaled_seconds)
             share = f"{100 * row['cache_share']:.2f} %"
+        if original is not None:
+            row["speed_up_over_original"] = original["seconds_for_n"] / row["cache_s"]
         print(f"{row['chunk_size']:>6}  {row['cache_s']:>8.3f}  {ref_scaled_seconds:>10.2f}  "
-              f"{row['speed_up']:>7.0f}x  {share:>11}")
+              f"{row['speed_up']:>7.0f}x  {share:>11}"
+              + (f"  {row['speed_up_over_original']:>6.0f}x over the original" if original is not None else ""))
     print(f"cache s: median of {args.repeats} runs over all {args.n} tokens; speed-up = ref s / cache s; "
           "cache share = cache / (forward + cache)")
     if forward is not None:
@@ -300,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_difference": max_difference,
         "mean_nll": mean_nll,
         "forward": forward,
+        "original": original,
         "results": chunk_rows,
     }
     if args.json is not None:

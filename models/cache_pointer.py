@@ -156,7 +156,7 @@ def cache_pointer(
     window: int,
     theta: float,
     lambdah: float,
-    chunk_size: int = 1024,
+    chunk_size: int = 128,
     bptt: int | None = None,
 ) -> Tensor:
     """Log-probability of each target under the cache-mixed distribution, `chunk_size` queries at a time.

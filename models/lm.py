@@ -143,13 +143,21 @@ class LanguageModel(nn.Module):
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Negative log-likelihood of `targets` [T, B] under `features` [T, B, D] ('mean' or 'sum')."""
-        features = features.reshape(-1, features.size(-1))  # [T, B, D] -> [N, D]
-        targets = targets.reshape(-1)  # [T, B] -> [N]
         if self.adaptive is None:
-            return F.cross_entropy(self.decoder(features), targets, reduction=reduction)
-        target_log_probs = self.adaptive(features, targets).output  # [N]
-        total = -target_log_probs.sum()
+            flat = features.reshape(-1, features.size(-1))  # [T, B, D] -> [N, D]
+            return F.cross_entropy(self.decoder(flat), targets.reshape(-1), reduction=reduction)
+        total = -self.target_log_probs(features, targets).sum()
         return total if reduction == "sum" else total / targets.numel()
+
+    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Log-probability of each target word: features [..., D], targets [...] -> [...]."""
+        flat = features.reshape(-1, features.size(-1))  # [..., D] -> [N, D]
+        flat_targets = targets.reshape(-1)  # [...] -> [N]
+        if self.adaptive is None:
+            out = -F.cross_entropy(self.decoder(flat), flat_targets, reduction="none")
+        else:
+            out = self.adaptive(flat, flat_targets).output
+        return out.view(targets.shape)
 
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of every word: [..., D] -> [..., V]."""

@@ -257,3 +257,33 @@ def test_awd_model_learns(tmp_path):
                             "--epochs", "3", "--lr", "10", "--wdrop", "0.2", "--dropouti", "0.2", "--dropouth",
                             "0.1", "--dropout", "0.1", "--emsize", "24", "--nhid", "32"])
     assert result["valid_ppl"] < 30  # uniform over 41 words is 41
+
+
+def test_pointer_script_matches_the_reference_and_plain_evaluation(corpus_dir, tmp_path):
+    import pointer
+    from models.cache_pointer import cache_pointer_ref
+
+    awd_main.main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "main"), *AWD_FLAGS, "--epochs", "2"])
+    results = pointer.main(["--checkpoint", str(tmp_path / "main"), "--data", str(corpus_dir), "--window", "30",
+                            "--bptt", "40", "--lambdasm", "0.3", "--theta", "0.5", "--threads", "1",
+                            "--json", str(tmp_path / "pointer.json")])
+    model, _ = training.load_checkpoint(tmp_path / "main" / "best.pt")
+    corpus = training.Corpus(corpus_dir)
+    for split in ("valid", "test"):
+        plain = training.evaluate(model, training.batchify(getattr(corpus, split), 1), bptt=40)
+        assert results[split]["ppl"] == pytest.approx(training.perplexity(plain), rel=1e-5)
+        hidden, targets, log_probs = pointer.forward_split(model, getattr(corpus, split), 40, torch.device("cpu"))
+        reference = cache_pointer_ref(hidden, targets, log_probs, 30, 0.5, 0.3)
+        assert results[split]["cache_ppl"] == pytest.approx(training.perplexity(-reference.mean().item()), rel=1e-4)
+        assert results[split]["cache_ppl"] != results[split]["ppl"]
+    assert (tmp_path / "pointer.json").is_file()
+
+
+def test_pointer_rejects_a_checkpoint_of_another_vocabulary(corpus_dir, tmp_path):
+    import pointer
+
+    awd_main.main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "main"), *AWD_FLAGS, "--dry-run"])
+    other = write_corpus(tmp_path / "other", seed=9)
+    (other / "test.txt").write_text("entirely new words here\n")
+    with pytest.raises(training.UserInputError, match="another vocabulary"):
+        pointer.main(["--checkpoint", str(tmp_path / "main"), "--data", str(other)])

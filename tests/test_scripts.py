@@ -7,13 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import finetune
+import generate
 import generate_rmc
+import main as awd_main
+import pointer
 import train_rnn
 from errors import UserInputError
 from tests.conftest import TINY_LM_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-LM_SCRIPTS = {"train_rnn": train_rnn}
+LM_SCRIPTS = {"train_rnn": train_rnn, "main": awd_main}
 
 
 @pytest.mark.parametrize("script", sorted(LM_SCRIPTS))
@@ -57,6 +61,18 @@ def test_generate_rejects_unknown_prompt_words_and_bad_temperature(trained_run):
         generate_rmc.main(["--checkpoint", str(run_dir), "--prompt", "w1 zebra"])
     with pytest.raises(UserInputError, match="--temperature"):
         generate_rmc.main(["--checkpoint", str(run_dir), "--temperature", "0"])
+
+
+def test_awd_scripts_dry_run_chain(trained_run, corpus_dir, tmp_path):
+    main_dir = tmp_path / "main"
+    awd_main.main(["--data", str(corpus_dir), "--run-dir", str(main_dir), "--dry-run", *TINY_LM_FLAGS])
+    result = finetune.main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "ft"), "--dry-run",
+                            "--checkpoint", str(main_dir), *TINY_LM_FLAGS])
+    assert result["test_ppl"] > 1
+    scores = pointer.main(["--checkpoint", str(tmp_path / "ft"), "--data", str(corpus_dir), "--window", "5",
+                           "--bptt", "20"])
+    assert set(scores) == {"valid", "test"}
+    assert len(generate.main(["--checkpoint", str(tmp_path / "ft"), "--words", "5"]).split()) >= 1
 
 
 def cli(*args, cwd=ROOT):
