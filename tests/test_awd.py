@@ -287,3 +287,13 @@ def test_pointer_rejects_a_checkpoint_of_another_vocabulary(corpus_dir, tmp_path
     (other / "test.txt").write_text("entirely new words here\n")
     with pytest.raises(training.UserInputError, match="another vocabulary"):
         pointer.main(["--checkpoint", str(tmp_path / "main"), "--data", str(other)])
+
+
+def test_adaptive_softmax_parameters_stay_in_the_optimiser_after_the_switch(corpus_dir, tmp_path):
+    trainer = make_trainer(corpus_dir, tmp_path, "--adaptivesoftmax", "--cutoffs", "10", "25", "--div-value", "2")
+    assert trainer.model.adaptive is not None and not trainer.model.config.tie_weights
+    trainer.switch_to_asgd()
+    assert isinstance(trainer.optimizer, torch.optim.ASGD)
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in trainer.model.parameters()} == in_optimizer
+    assert all(id(p) in in_optimizer for p in trainer.model.adaptive.parameters())
