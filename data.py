@@ -58,7 +58,7 @@ class Dictionary:
         unknown = [word for word in words if word not in self.word2idx]
         if unknown:
             shown = ", ".join(repr(word) for word in dict.fromkeys(unknown))
-            hint = f" (this vocabulary spells unknown words as '<unk>')" if "<unk>" in self else ""
+            hint = " (this vocabulary spells unknown words as '<unk>')" if "<unk>" in self else ""
             raise UserInputError(f"not in the vocabulary of {len(self)} words: {shown}{hint}")
         return torch.tensor([self.word2idx[word] for word in words], dtype=torch.long)
 

@@ -19,10 +19,7 @@ from models.awd import CELLS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_common_args(parser)
-    training.add_lm_training_args(parser)
-    models.add_lm_args(parser)
+    parser = training.lm_parser(__doc__)
     parser.set_defaults(
         data="data/penn", model="LSTM", emsize=400, nhid=1150, nlayers=3, tied=True, locked_dropout=True,
         dropout=0.4, dropouth=0.3, dropouti=0.65, dropoute=0.1, wdrop=0.5, alpha=2.0, beta=1.0,

@@ -10,15 +10,11 @@ runs the same weights through an explicit per-step cell (the benchmark's "fair" 
 
 import argparse
 
-import models
 import training
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_common_args(parser)
-    training.add_lm_training_args(parser)
-    models.add_lm_args(parser)
+    parser = training.lm_parser(__doc__)
     parser.set_defaults(
         model="LSTM", emsize=300, nhid=300, nlayers=1, dropout=0.5, tied=True,
         optimizer="adam", lr=0.001, clip=0.1, lr_decay=0.5, patience=5,

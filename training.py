@@ -117,6 +117,15 @@ def add_lm_training_args(parser: argparse.ArgumentParser) -> None:
                        help="also write the best model to this checkpoint file")
 
 
+def lm_parser(description: str | None) -> argparse.ArgumentParser:
+    """A parser with every flag of the language-model scripts; each script then sets its paper's defaults."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    add_lm_training_args(parser)
+    models.add_lm_args(parser)
+    return parser
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """`parser.parse_args`, recording in `args._explicit` which flags the user typed."""
     unset = object()

@@ -32,10 +32,7 @@ Shapes: `N` tokens, `D` hidden size, `V` vocabulary size, `T` tokens in a bptt w
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -50,6 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.cache_pointer import cache_pointer, cache_pointer_ref  # noqa: E402
+from bench.common import machine_info, synchronize  # noqa: E402
 
 EMSIZE = 400
 LSTM_SIZES = ((400, 1150), (1150, 1150), (1150, 400))  # AWD-LSTM: 3 layers, 1150 hidden, last layer tied to 400
@@ -140,11 +138,6 @@ def original_pointer_per_token(
     return out
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(function, device: torch.device):
     """(seconds, result) of one call, synchronising the device around it."""
     synchronize(device)
@@ -199,32 +192,6 @@ def time_forward(model: AWDLSTMSizedModel, words: torch.Tensor, bptt: int, devic
         "head_s": head_seconds,
         "forward_s": recurrent_seconds + head_seconds,
     }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "cpu": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "date": datetime.date.today().isoformat(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +44,7 @@ import torch  # noqa: E402
 
 from models import LanguageModel, LMConfig, RNNConfig  # noqa: E402
 from models.rnn import IMPLEMENTATIONS  # noqa: E402
+from bench.common import machine_info, synchronize  # noqa: E402
 
 EMSIZE = 300
 HIDDEN_SIZE = 300
@@ -186,11 +184,6 @@ def check_same_loss(
     return differences
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_rounds(
     model: LanguageModel,
     scope: str,
@@ -238,32 +231,6 @@ def summarize(scope: str, batch_size: int, bptt: int, pass_name: str, seconds: d
     row["round_ratio_min"] = min(round_ratios)
     row["round_ratio_max"] = max(round_ratios)
     return row
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "cpu": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "date": datetime.date.today().isoformat(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def format_table(rows: list[dict]) -> str:
