@@ -155,7 +155,7 @@ def check_common_args(args: argparse.Namespace) -> None:
     if not args.lr > 0:
         raise UserInputError(f"--lr must be above 0, got {args.lr}")
     for name in ("alpha", "beta", "nonmono"):
-        if getattr(args, name, 0) < 0:
+        if getattr(args, name) < 0:
             raise UserInputError(f"--{name} must be at least 0, got {getattr(args, name)}")
     if not 0 < args.lr_decay <= 1:
         raise UserInputError(f"--lr-decay must be in (0, 1] (1 turns the plateau schedule off), got {args.lr_decay}")
@@ -493,7 +493,7 @@ class LMTrainer:
     # ---- hooks
 
     def sequence_length(self) -> int:
-        if getattr(self.args, "variable_bptt", False):
+        if self.args.variable_bptt:
             return variable_bptt_length(self.args.bptt)
         return self.args.bptt
 
@@ -505,7 +505,7 @@ class LMTrainer:
         With --alpha / --beta the loss adds activation regularisation on the dropped output and
         temporal activation regularisation on the raw output of the core's last layer.
         """
-        alpha, beta = getattr(self.args, "alpha", 0.0), getattr(self.args, "beta", 0.0)
+        alpha, beta = self.args.alpha, self.args.beta
         features, hidden, (raw, dropped) = self.model(inputs, self.hidden, return_outputs=True)
         cross_entropy = self.model.loss(features, targets)
         loss = cross_entropy
@@ -519,14 +519,14 @@ class LMTrainer:
         """NT-ASGD switch, --when decays and the plateau schedule; returns a stop reason or None."""
         args, state = self.args, self.state
         history = state.valid_history
-        triggered = nt_asgd_triggered(history, valid_loss, getattr(args, "nonmono", 0))
+        triggered = nt_asgd_triggered(history, valid_loss, args.nonmono)
         history.append(valid_loss)
         if triggered and state.asgd and getattr(args, "stop_when_nonmono", False):
             self.run.print(f"| validation loss stopped improving under averaged SGD: done (epoch {state.epoch})")
             return "converged"
         if triggered and not state.asgd and args.optimizer == "sgd":
             self.switch_to_asgd()
-        if state.epoch in getattr(args, "when", []):
+        if state.epoch in args.when:
             for group in self.optimizer.param_groups:
                 group["lr"] /= 10
             self.run.print(f"| epoch {state.epoch} is in --when: learning rate divided by 10")
@@ -582,7 +582,7 @@ class LMTrainer:
         self.state.log_bytes = self.run.log_size()
         path = self.run.path / name
         save_checkpoint(path, self.model, **self.checkpoint_contents())
-        if name == "best.pt" and getattr(self.args, "save", None):
+        if name == "best.pt" and self.args.save:
             save_checkpoint(Path(self.args.save), self.model, **self.checkpoint_contents())
         return path
 
@@ -605,7 +605,7 @@ class LMTrainer:
 
         With --variable-bptt the step's learning rate is scaled by window length / bptt.
         """
-        lr_scale = inputs.size(0) / self.args.bptt if getattr(self.args, "variable_bptt", False) else 1.0
+        lr_scale = inputs.size(0) / self.args.bptt if self.args.variable_bptt else 1.0
         base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group["lr"] *= lr_scale

@@ -223,12 +223,12 @@ class QRNNLayer(nn.Module):
             next_prev_x = history.gather(0, rows.unsqueeze(2).expand(context, batch_size, self.input_size))
         return output, last, next_prev_x
 
-    def forward(self, X: torch.Tensor, hidden: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor | None = None,
                 lengths: torch.Tensor | Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference call: `output, h_n = layer(X, hidden)`.
+        """The reference call: `output, h_n = layer(x, hidden)`.
 
         Args:
-            X: [T, B, D].
+            x: [T, B, D].
             hidden: [B, H] or [1, B, H]; None means zeros.
             lengths: optional LongTensor [B] of valid steps per sequence (see `run`).
 
@@ -237,7 +237,7 @@ class QRNNLayer(nn.Module):
             inputs are kept, detached, for the next call.
         """
         prev_x = self.prev_x if self.save_prev_x else None
-        output, last, next_prev_x = self.run(X, hidden, prev_x, lengths)
+        output, last, next_prev_x = self.run(x, hidden, prev_x, lengths)
         if self.save_prev_x and self.window > 1:
             # As the reference: no gradient flows into the previous call's inputs.
             self.prev_x = next_prev_x.detach()

@@ -1,0 +1,229 @@
+"""Triton kernels of ForgetMult (forward and backward) for CUDA tensors.
+
+The recurrence and its gradients are written out in models/ops/forget_mult.py, beside the reference.
+The [T, B, H] tensors are seen as T rows of N = B * H columns. Each program owns `BLOCK_SIZE` columns
+and walks over the T rows one after the other, keeping the state of its columns in registers
+(float32 whatever the input dtype): sequential in time, parallel over columns, as salesforce/
+pytorch-qrnn's CUDA kernel and fla's `fused_recurrent_hgrn` do. Each element is read and written
+once per pass, so the kernels are bound by memory bandwidth.
+
+A direction is a first row and a row stride: forwards, row 0 with stride +N; reversed, row T - 1 with
+stride -N. The backward pass walks the rows in the opposite order of its forward pass.
+
+This module imports Triton at the top; `models.ops.forget_mult` imports it only when a CUDA tensor
+arrives, so machines without Triton never load it.
+
+Shapes: `T` time steps, `B` batch, `H` hidden size, `N` = B * H columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError(
+        "models.ops.forget_mult_triton needs Triton and a CUDA GPU: `pip install triton` "
+        "(forget_mult falls back to the PyTorch loop without it)"
+    ) from error
+
+from models.ops.forget_mult import TRITON_DTYPES, check_arguments
+
+BLOCK_SIZE = 256  # columns per program: small enough that B = 20, H = 640 still gives 50 programs
+NUM_WARPS = 4
+
+
+@triton.jit
+def _forget_mult_forward_kernel(
+    f_ptr,
+    x_ptr,
+    h0_ptr,
+    h_ptr,
+    h_last_ptr,
+    num_steps,
+    num_columns,
+    first_offset,
+    step_stride,
+    HAS_H0: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """h_t = f_t * x_t + (1 - f_t) * h_previous over `num_steps` rows, starting at `first_offset`."""
+    columns = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = columns < num_columns
+    if HAS_H0:
+        state = tl.load(h0_ptr + columns, mask=mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    # (pointer + first row) + columns: pointers advance by whole rows, so no 32-bit offset overflows.
+    f_ptrs = f_ptr + first_offset + columns
+    x_ptrs = x_ptr + first_offset + columns
+    h_ptrs = h_ptr + first_offset + columns
+    for _ in range(num_steps):
+        gate = tl.load(f_ptrs, mask=mask, other=0.0).to(tl.float32)
+        value = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        state = gate * value + (1.0 - gate) * state
+        tl.store(h_ptrs, state.to(h_ptr.dtype.element_ty), mask=mask)
+        f_ptrs += step_stride
+        x_ptrs += step_stride
+        h_ptrs += step_stride
+    tl.store(h_last_ptr + columns, state.to(h_last_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _forget_mult_backward_kernel(
+    f_ptr,
+    x_ptr,
+    h_ptr,
+    h0_ptr,
+    grad_h_ptr,
+    grad_h_last_ptr,
+    grad_f_ptr,
+    grad_x_ptr,
+    grad_h0_ptr,
+    num_steps,
+    num_columns,
+    first_offset,
+    step_stride,
+    HAS_H0: tl.constexpr,
+    HAS_GRAD_H: tl.constexpr,
+    HAS_GRAD_H_LAST: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """The reverse recurrence g_t = dL/dh_t + (1 - f_later) * g_later, with df, dx and dh0.
+
+    `first_offset` is the row of the last step of the forward pass and `step_stride` the opposite of
+    the forward pass's, so the row one stride ahead holds h_previous of the current row.
+    """
+    columns = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = columns < num_columns
+    if HAS_GRAD_H_LAST:
+        carry = tl.load(grad_h_last_ptr + columns, mask=mask, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    if HAS_H0:
+        initial = tl.load(h0_ptr + columns, mask=mask, other=0.0).to(tl.float32)
+    else:
+        initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    f_ptrs = f_ptr + first_offset + columns
+    x_ptrs = x_ptr + first_offset + columns
+    h_ptrs = h_ptr + first_offset + columns
+    grad_h_ptrs = grad_h_ptr + first_offset + columns
+    grad_f_ptrs = grad_f_ptr + first_offset + columns
+    grad_x_ptrs = grad_x_ptr + first_offset + columns
+    for step in range(num_steps):
+        gate = tl.load(f_ptrs, mask=mask, other=0.0).to(tl.float32)
+        value = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        gradient = carry
+        if HAS_GRAD_H:
+            gradient += tl.load(grad_h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        # h_previous: the next row in this walk, or h0 at the walk's last row (never read there).
+        has_previous = step < num_steps - 1
+        previous = tl.load(h_ptrs + step_stride, mask=mask & has_previous, other=0.0).to(tl.float32)
+        previous = tl.where(has_previous, previous, initial)
+        tl.store(grad_f_ptrs, (gradient * (value - previous)).to(grad_f_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_x_ptrs, (gradient * gate).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        carry = gradient * (1.0 - gate)
+        f_ptrs += step_stride
+        x_ptrs += step_stride
+        h_ptrs += step_stride
+        grad_h_ptrs += step_stride
+        grad_f_ptrs += step_stride
+        grad_x_ptrs += step_stride
+    if HAS_H0:
+        tl.store(grad_h0_ptr + columns, carry.to(grad_h0_ptr.dtype.element_ty), mask=mask)
+
+
+def _walk(num_steps: int, num_columns: int, backwards_in_time: bool) -> tuple[int, int]:
+    """(offset of the first row, row stride) of a walk over the rows, in elements."""
+    if backwards_in_time:
+        return (num_steps - 1) * num_columns, -num_columns
+    return 0, num_columns
+
+
+class ForgetMultTriton(torch.autograd.Function):
+    """ForgetMult through the two Triton kernels; inputs are checked by `forget_mult_triton`."""
+
+    @staticmethod
+    def forward(ctx: Any, f: Tensor, x: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+        f, x = f.contiguous(), x.contiguous()
+        h0 = h0.contiguous() if h0 is not None else None
+        num_steps, batch_size, hidden_size = f.shape
+        num_columns = batch_size * hidden_size
+        h = torch.empty(f.shape, dtype=f.dtype, device=f.device)  # [T, B, H], every element written
+        h_last = torch.empty((batch_size, hidden_size), dtype=f.dtype, device=f.device)
+        first_offset, step_stride = _walk(num_steps, num_columns, backwards_in_time=reverse)
+        grid = (triton.cdiv(num_columns, BLOCK_SIZE),)
+        with torch.cuda.device(f.device):
+            _forget_mult_forward_kernel[grid](
+                f, x, h0 if h0 is not None else f, h, h_last,  # f stands in for an absent h0, never read
+                num_steps, num_columns, first_offset, step_stride,
+                HAS_H0=h0 is not None, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS,
+            )
+        ctx.reverse = reverse
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(f, x, h, h0)
+        return h, h_last
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_h: Tensor | None, grad_h_last: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, None]:
+        f, x, h, h0 = ctx.saved_tensors
+        num_steps, batch_size, hidden_size = f.shape
+        num_columns = batch_size * hidden_size
+        grad_h = grad_h.contiguous() if grad_h is not None else None
+        grad_h_last = grad_h_last.contiguous() if grad_h_last is not None else None
+        grad_f = torch.empty(f.shape, dtype=f.dtype, device=f.device)  # [T, B, H]
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [T, B, H]
+        grad_h0 = torch.empty(h0.shape, dtype=h0.dtype, device=h0.device) if h0 is not None else None
+        first_offset, step_stride = _walk(num_steps, num_columns, backwards_in_time=not ctx.reverse)
+        grid = (triton.cdiv(num_columns, BLOCK_SIZE),)
+        with torch.cuda.device(f.device):
+            # f stands in for absent tensors; the HAS_* flags keep the kernel from touching them.
+            _forget_mult_backward_kernel[grid](
+                f, x, h, h0 if h0 is not None else f,
+                grad_h if grad_h is not None else f, grad_h_last if grad_h_last is not None else f,
+                grad_f, grad_x, grad_h0 if grad_h0 is not None else f,
+                num_steps, num_columns, first_offset, step_stride,
+                HAS_H0=h0 is not None, HAS_GRAD_H=grad_h is not None, HAS_GRAD_H_LAST=grad_h_last is not None,
+                BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS,
+            )
+        return grad_f, grad_x, grad_h0, None
+
+
+def forget_mult_triton(
+    f: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """ForgetMult on a CUDA GPU with the Triton kernels; same result as `forget_mult_ref` up to rounding.
+
+    Args:
+        f: [T, B, H] gates on a CUDA device, float16, bfloat16 or float32.
+        x: [T, B, H] values, same dtype and device as `f`.
+        h0: [B, H] state before the first step processed, or None for zeros; same dtype and device.
+        reverse: run t = T - 1, ..., 0 (h0 is then the state after the end of the sequence).
+
+    Returns:
+        h: [T, B, H] the state after each step, and h_last: [B, H] the state after the last step
+        processed, both in the dtype of `f`; the state is carried in float32.
+
+    Raises:
+        ValueError: if an argument has a bad shape, dtype or device, or is not a CUDA tensor of a
+            dtype the kernels take (float64: use `forget_mult`, which runs the PyTorch path).
+    """
+    check_arguments(f, x, h0, reverse)
+    if f.device.type != "cuda":
+        raise ValueError(f"forget_mult_triton needs CUDA tensors, got device {f.device}; use forget_mult")
+    if f.dtype not in TRITON_DTYPES:
+        raise ValueError(f"forget_mult_triton takes float16, bfloat16 or float32, got {f.dtype}; use forget_mult")
+    if f.size(1) * f.size(2) >= 2**31:
+        raise ValueError(
+            f"forget_mult_triton steps by rows of B * H < 2**31 elements, got B * H = {f.size(1) * f.size(2)}"
+        )
+    return ForgetMultTriton.apply(f, x, h0, reverse)
