@@ -5,10 +5,13 @@ with variational dropout on inputs (--dropouti), between layers (--dropouth) and
 (--dropout), embedding dropout (--dropoute), DropConnect on hidden-to-hidden weights
 (--wdrop), AR/TAR (--alpha/--beta), variable-length BPTT with the lr scaled by length, and
 NT-ASGD: SGD until validation stops improving (--nonmono), then averaged SGD, evaluated and
-saved with the averaged weights. `--model GRU` swaps the cell; any other registered core
-(e.g. from `python train_rnn.py --help`) runs with the same regularisers except weight drop.
+saved with the averaged weights. `--model GRU` or `--model QRNN` swaps the cell (the QRNN
+recipe: window 2 in the first layer, DropConnect on each layer's gate matrix); any other
+registered core runs with the same regularisers except weight drop.
 
     python main.py --batch_size 20 --data data/penn --dropouti 0.4 --dropouth 0.25 --seed 141 --epochs 500 --save PTB.pt
+    python main.py --model QRNN --batch_size 20 --clip 0.2 --wdrop 0.1 --nhid 1550 --nlayers 4 --emsize 400 \
+        --dropouth 0.3 --seed 9001 --dropouti 0.4 --epochs 550 --save PTB.pt
 """
 
 import argparse

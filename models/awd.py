@@ -1,9 +1,11 @@
 """The AWD-LSTM recurrent stack (Merity et al. 2017): separate single-layer RNNs with weight drop.
 
 Layer sizes run `input_size -> hidden_size -> ... -> hidden_size -> output_size` (the last
-layer outputs the embedding size when the decoder is tied). Each layer's hidden-to-hidden
-matrix gets DropConnect (`wdrop`, one mask per forward call, shared over time and batch),
-and locked dropout (`dropouth`) sits between layers. The cell is an LSTM or a GRU.
+layer outputs the embedding size when the decoder is tied). Each layer gets DropConnect
+(`wdrop`, one mask per forward call, shared over time and batch) and locked dropout
+(`dropouth`) sits between layers. The cell is an LSTM or a GRU, whose hidden-to-hidden
+matrix is dropped, or a QRNN (AWD-LSTM's QRNN recipe: window 2 in the first layer, 1 in the
+others, the previous input carried in the state, DropConnect on each layer's gate matrix).
 
 Shapes: `T` time steps, `B` batch, `D` input size, `H_l` layer l's width.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -19,9 +22,39 @@ from torch.func import functional_call
 
 from models.core import Core, add_argument_once, register_core
 from models.regularizers import locked_dropout, weight_dropped
+from models.qrnn import QRNNLayer
 from models.rnn import GRUState, LSTMState
 
-CELLS = {"LSTM": (nn.LSTM, LSTMState), "GRU": (nn.GRU, GRUState)}
+
+class QRNNLayerState(NamedTuple):
+    h: torch.Tensor  # [1, B, H]
+    prev_x: torch.Tensor  # [W - 1, B, D], the inputs before the next call's first step
+
+
+class _QRNNCall(nn.Module):
+    """Runs a QRNNLayer as a pure function through `forward`, so `functional_call` can swap its weights."""
+
+    def __init__(self, layer: QRNNLayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, state: QRNNLayerState) -> tuple[torch.Tensor, QRNNLayerState]:
+        output, h_last, prev_x = self.layer.run(x, state.h[0], state.prev_x)
+        return output, QRNNLayerState(h_last.unsqueeze(0), prev_x)
+
+
+def _build_layer(cell: str, index: int, inputs: int, outputs: int) -> nn.Module:
+    if cell == "QRNN":
+        return _QRNNCall(QRNNLayer(inputs, outputs, window=2 if index == 0 else 1, output_gate=True))
+    return CELLS[cell][0](inputs, outputs)
+
+
+# cell -> (module class, per-layer state, name of the parameter that gets DropConnect)
+CELLS = {
+    "LSTM": (nn.LSTM, LSTMState, "weight_hh_l0"),
+    "GRU": (nn.GRU, GRUState, "weight_hh_l0"),
+    "QRNN": (_QRNNCall, QRNNLayerState, "layer.linear.weight"),
+}
 
 
 @dataclasses.dataclass
@@ -62,8 +95,11 @@ class AWDStack(Core):
 
     def __init__(self, config: AWDConfig):
         super().__init__(config)
-        rnn_class, self.state_class = CELLS[config.cell]
-        self.layers = nn.ModuleList([rnn_class(inputs, outputs) for inputs, outputs in config.layer_sizes()])
+        _, self.state_class, self.dropped_name = CELLS[config.cell]
+        self.layers = nn.ModuleList([
+            _build_layer(config.cell, index, inputs, outputs)
+            for index, (inputs, outputs) in enumerate(config.layer_sizes())
+        ])
 
     @property
     def output_size(self) -> int:
@@ -71,11 +107,16 @@ class AWDStack(Core):
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> tuple:
         states = []
-        for layer in self.layers:
-            weight = layer.weight_hh_l0
-            zeros = [torch.zeros(1, batch_size, layer.hidden_size, device=device or weight.device, dtype=weight.dtype)
-                     for _ in self.state_class._fields]
-            states.append(self.state_class(*zeros))
+        for layer, (inputs, outputs) in zip(self.layers, self.config.layer_sizes()):
+            weight = layer.get_parameter(self.dropped_name)
+            options = dict(device=device or weight.device, dtype=weight.dtype)
+            if self.config.cell == "QRNN":
+                window = layer.layer.window
+                states.append(QRNNLayerState(torch.zeros(1, batch_size, outputs, **options),
+                                             torch.zeros(window - 1, batch_size, inputs, **options)))
+            else:
+                zeros = [torch.zeros(1, batch_size, outputs, **options) for _ in self.state_class._fields]
+                states.append(self.state_class(*zeros))
         return tuple(states)
 
     def forward(self, x: torch.Tensor, state: tuple | None = None) -> tuple[torch.Tensor, tuple]:
@@ -84,10 +125,14 @@ class AWDStack(Core):
             state = self.initial_state(x.size(1), x.device)
         new_state = []
         for index, (layer, layer_state) in enumerate(zip(self.layers, state)):
-            dropped = weight_dropped(layer.weight_hh_l0, self.config.wdrop, self.training)
-            hidden = tuple(layer_state) if len(layer_state) > 1 else layer_state[0]
-            x, hidden = functional_call(layer, {"weight_hh_l0": dropped}, (x, hidden))
-            new_state.append(self.state_class(*hidden) if isinstance(hidden, tuple) else self.state_class(hidden))
+            dropped = weight_dropped(layer.get_parameter(self.dropped_name), self.config.wdrop, self.training)
+            if self.config.cell == "QRNN":
+                x, layer_state = functional_call(layer, {self.dropped_name: dropped}, (x, layer_state))
+            else:
+                hidden = tuple(layer_state) if len(layer_state) > 1 else layer_state[0]
+                x, hidden = functional_call(layer, {self.dropped_name: dropped}, (x, hidden))
+                layer_state = self.state_class(*hidden) if isinstance(hidden, tuple) else self.state_class(hidden)
+            new_state.append(layer_state)
             if index < len(self.layers) - 1:
                 x = locked_dropout(x, self.config.dropouth, self.training)
         return x, tuple(new_state)

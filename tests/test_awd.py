@@ -101,6 +101,27 @@ def test_train_eval_train_eval_keeps_parameters_intact():
     assert out.dtype == torch.float64
 
 
+def test_qrnn_cell_follows_awd_lstm_recipe():
+    torch.manual_seed(0)
+    stack = make_stack(cell="qrnn")
+    windows = [layer.layer.window for layer in stack.layers]
+    assert windows == [2, 1, 1]
+    names = [name for name, _ in stack.named_parameters()]
+    assert "layers.0.layer.linear.weight" in names
+    x = torch.randn(5, 2, 6)
+    a, _ = stack(x)
+    b, _ = stack(x)
+    assert not torch.allclose(a, b)  # DropConnect on the gate matrix in training
+    a.sum().backward()
+    assert stack.layers[0].layer.linear.weight.grad.abs().sum() > 0
+    stack.eval()
+    whole, _ = stack(x)
+    first, state = stack(x[:2])
+    assert state[0].prev_x.shape == (1, 2, 6)  # the last input, carried for the window of 2
+    second, _ = stack(x[2:], state)
+    torch.testing.assert_close(torch.cat([first, second]), whole)
+
+
 def test_gru_cell_and_config_validation():
     stack = make_stack(cell="gru")
     out, state = stack(torch.randn(4, 2, 6))
@@ -243,12 +264,13 @@ def test_finetune_needs_a_checkpoint(corpus_dir):
         finetune.main(["--data", str(corpus_dir)])
 
 
-def test_main_runs_other_cores_too(corpus_dir, tmp_path):
-    result = awd_main.main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "gru"), *AWD_FLAGS,
-                            "--model", "GRU", "--dry-run"])
+@pytest.mark.parametrize("cell", ["GRU", "QRNN"])
+def test_main_runs_other_cells(corpus_dir, tmp_path, cell):
+    result = awd_main.main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / cell), *AWD_FLAGS,
+                            "--model", cell, "--dry-run"])
     assert result["test_ppl"] > 1
-    model, _ = training.load_checkpoint(tmp_path / "gru" / "best.pt")
-    assert model.config.core == "AWD" and model.config.core_config["cell"] == "GRU"
+    model, _ = training.load_checkpoint(tmp_path / cell / "best.pt")
+    assert model.config.core == "AWD" and model.config.core_config["cell"] == cell
 
 
 def test_awd_model_learns(tmp_path):

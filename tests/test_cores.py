@@ -8,6 +8,7 @@ import torch
 import models
 from models.core import detach_state, map_state, state_from_tensors, state_tensors
 from models.awd import AWDConfig
+from models.qrnn import QRNNConfig
 from models.rnn import RNNConfig
 
 T, B, D, H = 7, 3, 5, 6
@@ -16,7 +17,8 @@ T, B, D, H = 7, 3, 5, 6
 VARIANTS = {
     "lstm": {"fused": {"implementation": "fused"}, "loop": {"implementation": "loop"}},
     "gru": {"fused": {"implementation": "fused"}, "loop": {"implementation": "loop"}},
-    "awd": {"lstm": {"cell": "LSTM"}, "gru": {"cell": "GRU"}},
+    "awd": {"lstm": {"cell": "LSTM"}, "gru": {"cell": "GRU"}, "qrnn": {"cell": "QRNN"}},
+    "qrnn": {"window1": {"window": 1}, "window2": {"window": 2, "zoneout": 0.2}, "no_output_gate": {"output_gate": False}},
 }
 
 
@@ -27,6 +29,8 @@ def make_core(name: str, **overrides) -> models.Core:
         config = RNNConfig(input_size=D, hidden_size=H, num_layers=2, **overrides)
     elif cls.Config is AWDConfig:
         config = AWDConfig(input_size=D, hidden_size=H, output_size=4, num_layers=2, wdrop=0.3, **overrides)
+    elif cls.Config is QRNNConfig:
+        config = QRNNConfig(input_size=D, hidden_size=H, num_layers=2, **overrides)
     else:  # pragma: no cover - every core must be listed above
         raise AssertionError(f"no small config for core {name}")
     return cls(config)

@@ -76,6 +76,21 @@ def _forget_mult_forward_kernel(
 
 
 @triton.jit
+def _backward_step(
+    f_ptrs, x_ptrs, grad_h_ptrs, grad_f_ptrs, grad_x_ptrs, previous, carry, mask, HAS_GRAD_H: tl.constexpr
+):
+    """One row of the backward walk; returns the carry (1 - f_t) * g_t to the row processed next."""
+    gate = tl.load(f_ptrs, mask=mask, other=0.0).to(tl.float32)
+    value = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    gradient = carry
+    if HAS_GRAD_H:
+        gradient += tl.load(grad_h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_f_ptrs, (gradient * (value - previous)).to(grad_f_ptrs.dtype.element_ty), mask=mask)
+    tl.store(grad_x_ptrs, (gradient * gate).to(grad_x_ptrs.dtype.element_ty), mask=mask)
+    return gradient * (1.0 - gate)
+
+
+@triton.jit
 def _forget_mult_backward_kernel(
     f_ptr,
     x_ptr,
@@ -98,7 +113,8 @@ def _forget_mult_backward_kernel(
     """The reverse recurrence g_t = dL/dh_t + (1 - f_later) * g_later, with df, dx and dh0.
 
     `first_offset` is the row of the last step of the forward pass and `step_stride` the opposite of
-    the forward pass's, so the row one stride ahead holds h_previous of the current row.
+    the forward pass's, so the row one stride ahead holds h_previous of the current row, except at
+    the walk's last row, whose h_previous is h0.
     """
     columns = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = columns < num_columns
@@ -106,35 +122,28 @@ def _forget_mult_backward_kernel(
         carry = tl.load(grad_h_last_ptr + columns, mask=mask, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    if HAS_H0:
-        initial = tl.load(h0_ptr + columns, mask=mask, other=0.0).to(tl.float32)
-    else:
-        initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     f_ptrs = f_ptr + first_offset + columns
     x_ptrs = x_ptr + first_offset + columns
     h_ptrs = h_ptr + first_offset + columns
     grad_h_ptrs = grad_h_ptr + first_offset + columns
     grad_f_ptrs = grad_f_ptr + first_offset + columns
     grad_x_ptrs = grad_x_ptr + first_offset + columns
-    for step in range(num_steps):
-        gate = tl.load(f_ptrs, mask=mask, other=0.0).to(tl.float32)
-        value = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        gradient = carry
-        if HAS_GRAD_H:
-            gradient += tl.load(grad_h_ptrs, mask=mask, other=0.0).to(tl.float32)
-        # h_previous: the next row in this walk, or h0 at the walk's last row (never read there).
-        has_previous = step < num_steps - 1
-        previous = tl.load(h_ptrs + step_stride, mask=mask & has_previous, other=0.0).to(tl.float32)
-        previous = tl.where(has_previous, previous, initial)
-        tl.store(grad_f_ptrs, (gradient * (value - previous)).to(grad_f_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_x_ptrs, (gradient * gate).to(grad_x_ptr.dtype.element_ty), mask=mask)
-        carry = gradient * (1.0 - gate)
+    for _ in range(num_steps - 1):
+        previous = tl.load(h_ptrs + step_stride, mask=mask, other=0.0).to(tl.float32)
+        carry = _backward_step(
+            f_ptrs, x_ptrs, grad_h_ptrs, grad_f_ptrs, grad_x_ptrs, previous, carry, mask, HAS_GRAD_H
+        )
         f_ptrs += step_stride
         x_ptrs += step_stride
         h_ptrs += step_stride
         grad_h_ptrs += step_stride
         grad_f_ptrs += step_stride
         grad_x_ptrs += step_stride
+    if HAS_H0:
+        initial = tl.load(h0_ptr + columns, mask=mask, other=0.0).to(tl.float32)
+    else:
+        initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    carry = _backward_step(f_ptrs, x_ptrs, grad_h_ptrs, grad_f_ptrs, grad_x_ptrs, initial, carry, mask, HAS_GRAD_H)
     if HAS_H0:
         tl.store(grad_h0_ptr + columns, carry.to(grad_h0_ptr.dtype.element_ty), mask=mask)
 
