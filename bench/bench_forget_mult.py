@@ -1,0 +1,272 @@
+"""QRNN's ForgetMult: `forget_mult` against the per-step autograd loop `forget_mult_ref`.
+
+The recurrence h_t = f_t * x_t + (1 - f_t) * h_{t-1} at AWD-QRNN language-model sizes: batch 20,
+hidden 640 (a mid-sized QRNN layer), sequence lengths 35 (AWD's bptt on PTB), 105 and 500. Inputs
+are random and seeded: gates f = sigmoid(N(0, 1)), values x and h0 ~ N(0, 1), and a fixed random
+gradient for h and h_last. Two passes are timed per length:
+
+- forward: both functions under `torch.no_grad()` (inference, or the reference without a graph);
+- forward+backward: h, h_last = function(f, x, h0), then `torch.autograd.backward` with the fixed
+  output gradients, giving df, dx and dh0. For the reference that is PyTorch's autograd over the
+  per-step ops (the "Python loop over time" baseline); for `forget_mult` on CPU, the hand-written
+  backward of `ForgetMultFunction`; on CUDA, the Triton kernels.
+
+Before timing, both are checked to agree (outputs and gradients) at every length. The variants are
+interleaved in rounds (forget_mult, ref, forget_mult, ref, ...) so that drift on a shared machine hits
+both; each figure is the median over `--repeats` rounds, and ref/forget_mult is the ratio of the medians
+(above 1: forget_mult is faster). On CUDA the table adds the effective memory bandwidth of
+`forget_mult`: the bytes the kernels must read and write (forward: f, x, h0 in, h, h_last out;
+backward: f, x, h, h0 and the two output gradients in, df, dx, dh0 out) over the median time.
+
+Run from the repository root:
+
+    python bench/bench_forget_mult.py                        # CPU, 1 thread, T = 35, 105, 500
+    python bench/bench_forget_mult.py --threads 2 --json bench/out/forget_mult_2threads.json
+    python bench/bench_forget_mult.py --device cuda --dtype bfloat16 --lengths 35 500 2000
+
+Shapes: `T` time steps, `B` batch, `H` hidden size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # run as `python bench/bench_forget_mult.py` from anywhere
+
+import torch  # noqa: E402
+
+from bench.common import machine_info, synchronize  # noqa: E402
+from models.ops.forget_mult import forget_mult, forget_mult_ref  # noqa: E402
+
+PASSES = ("forward", "forward+backward")
+VARIANTS: dict[str, Callable] = {"forget_mult": forget_mult, "ref": forget_mult_ref}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOLERANCE = {  # (rtol, atol) of the check before timing, per dtype
+    torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (1e-1, 1e-1),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=20, help="batch size B")
+    parser.add_argument("--hidden", type=int, default=640, help="hidden size H")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[35, 105, 500],
+                        help="sequence lengths T to time, each with both passes")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of f, x and h0")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (intra-op CPU threads)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed rounds per (length, pass); a round runs each variant once")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and output gradients")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if min(args.lengths) < 1 or args.batch_size < 1 or args.hidden < 1 or args.threads < 1 or args.repeats < 1:
+        parser.error("--lengths, --batch-size, --hidden, --threads and --repeats must be positive")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available on this machine; use --device cpu")
+    args.dtype = DTYPES[args.dtype]
+    return args
+
+
+def make_inputs(
+    num_steps: int, batch_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device, seed: int
+) -> dict[str, torch.Tensor]:
+    """f, x [T, B, H], h0 [B, H] (leaves that require grad) and output gradients grad_h, grad_h_last."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (num_steps, batch_size, hidden_size)
+    tensors = {
+        "f": torch.randn(shape, generator=generator).sigmoid(),
+        "x": torch.randn(shape, generator=generator),
+        "h0": torch.randn(shape[1:], generator=generator),
+        "grad_h": torch.randn(shape, generator=generator),
+        "grad_h_last": torch.randn(shape[1:], generator=generator),
+    }
+    tensors = {name: tensor.to(device=device, dtype=dtype) for name, tensor in tensors.items()}
+    for name in ("f", "x", "h0"):
+        tensors[name].requires_grad_()
+    return tensors
+
+
+def clear_grads(inputs: dict[str, torch.Tensor]) -> None:
+    for name in ("f", "x", "h0"):
+        inputs[name].grad = None
+
+
+def forward(function: Callable, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return function(inputs["f"], inputs["x"], inputs["h0"])
+
+
+def forward_backward(function: Callable, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    h, h_last = function(inputs["f"], inputs["x"], inputs["h0"])
+    torch.autograd.backward((h, h_last), (inputs["grad_h"], inputs["grad_h_last"]))
+    return h.detach(), h_last.detach()
+
+
+PASS_FUNCTIONS = {"forward": forward, "forward+backward": forward_backward}
+
+
+def check_same_result(inputs: dict[str, torch.Tensor]) -> float:
+    """Raise RuntimeError unless both variants give the same h, h_last and gradients.
+
+    Returns:
+        The largest |forget_mult - ref| over h, h_last, df, dx and dh0.
+    """
+    results = {}
+    for name, function in VARIANTS.items():
+        clear_grads(inputs)
+        h, h_last = forward_backward(function, inputs)
+        results[name] = [h, h_last] + [inputs[key].grad.clone() for key in ("f", "x", "h0")]
+    clear_grads(inputs)
+    rtol, atol = TOLERANCE[inputs["f"].dtype]
+    largest = 0.0
+    for label, fast, ref in zip(("h", "h_last", "df", "dx", "dh0"), results["forget_mult"], results["ref"]):
+        fast, ref = fast.double(), ref.double()
+        largest = max(largest, (fast - ref).abs().max().item())
+        if not torch.allclose(fast, ref, rtol=rtol, atol=atol):
+            raise RuntimeError(
+                f"{label}: forget_mult and forget_mult_ref differ by up to {(fast - ref).abs().max().item():.2e} "
+                f"(rtol {rtol:g}, atol {atol:g}); the fast path does not compute the reference's result"
+            )
+    return largest
+
+
+def time_rounds(inputs: dict[str, torch.Tensor], pass_name: str, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, interleaved: `warmup` untimed rounds, then `repeats` timed ones.
+
+    Returns:
+        {variant: [seconds of round 1, round 2, ...]}.
+    """
+    run_pass = PASS_FUNCTIONS[pass_name]
+    device = inputs["f"].device
+    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for round_index in range(warmup + repeats):
+        for name, function in VARIANTS.items():
+            clear_grads(inputs)  # as an optimizer's zero_grad would; outside the timed region
+            synchronize(device)
+            start = time.perf_counter()
+            run_pass(function, inputs)
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                seconds[name].append(elapsed)
+    clear_grads(inputs)
+    return seconds
+
+
+def bytes_moved(num_steps: int, batch_size: int, hidden_size: int, dtype: torch.dtype, pass_name: str) -> int:
+    """Bytes the Triton kernels must read and write in one pass (each element once)."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    sequence, state = num_steps * batch_size * hidden_size, batch_size * hidden_size
+    forward_bytes = (3 * sequence + 2 * state) * element  # f, x in, h out: [T, B, H]; h0 in, h_last out: [B, H]
+    if pass_name == "forward":
+        return forward_bytes
+    # f, x, h, grad_h in, df, dx out: [T, B, H]; h0, grad_h_last in, dh0 out: [B, H]
+    backward_bytes = (6 * sequence + 3 * state) * element
+    return forward_bytes + backward_bytes
+
+
+def summarize(
+    num_steps: int, batch_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device, pass_name: str,
+    seconds: dict[str, list[float]],
+) -> dict:
+    """One table row: medians, ref/forget_mult from the medians and from each round, and GB/s on CUDA."""
+    row: dict = {"length": num_steps, "pass": pass_name}
+    for name in VARIANTS:
+        row[f"{name}_ms"] = 1000 * statistics.median(seconds[name])
+        row[f"{name}_all_ms"] = [1000 * value for value in seconds[name]]
+    row["ref_over_forget_mult"] = row["ref_ms"] / row["forget_mult_ms"]
+    round_ratios = [ref / fast for fast, ref in zip(seconds["forget_mult"], seconds["ref"])]
+    row["round_ratio_min"] = min(round_ratios)
+    row["round_ratio_max"] = max(round_ratios)
+    if device.type == "cuda":
+        moved = bytes_moved(num_steps, batch_size, hidden_size, dtype, pass_name)
+        row["forget_mult_gb_per_s"] = moved / (row["forget_mult_ms"] / 1000) / 1e9
+    return row
+
+
+def format_table(rows: list[dict], on_cuda: bool) -> str:
+    header = (
+        f"{'T':>5}  {'pass':<16}  {'forget_mult ms':>14}  {'ref ms':>9}  {'ref/forget_mult':>15}  {'per round':>13}"
+        + (f"  {'GB/s':>7}" if on_cuda else "")
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['length']:>5}  {row['pass']:<16}  {row['forget_mult_ms']:>14.3f}  {row['ref_ms']:>9.3f}  "
+            f"{row['ref_over_forget_mult']:>15.2f}  {row['round_ratio_min']:>6.2f}-{row['round_ratio_max']:<6.2f}"
+            + (f"  {row['forget_mult_gb_per_s']:>7.1f}" if on_cuda else "")
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info(args.device)
+    on_cuda = args.device.type == "cuda"
+    if on_cuda:
+        machine["triton"] = importlib.util.find_spec("triton") is not None  # forget_mult's kernel, or its fallback
+    print(
+        f"machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['threads']} torch threads, "
+        f"torch {machine['torch']}, device {machine.get('gpu', machine['device'])}"
+        + (f", triton {'installed' if machine['triton'] else 'missing'}" if on_cuda else "")
+    )
+    print(
+        f"forget_mult: B {args.batch_size}, H {args.hidden}, {str(args.dtype).replace('torch.', '')}, h0 given, "
+        f"T in {args.lengths}; {args.warmup} warmup + {args.repeats} timed rounds"
+    )
+
+    rows = []
+    differences = {}
+    for num_steps in args.lengths:
+        inputs = make_inputs(num_steps, args.batch_size, args.hidden, args.dtype, args.device, args.seed)
+        differences[num_steps] = check_same_result(inputs)
+        for pass_name in PASSES:
+            seconds = time_rounds(inputs, pass_name, args.warmup, args.repeats)
+            rows.append(summarize(num_steps, args.batch_size, args.hidden, args.dtype, args.device, pass_name, seconds))
+            print(f"  done: T {num_steps}, {pass_name}", file=sys.stderr, flush=True)
+    print("same result: " + ", ".join(f"T {length} max |forget_mult - ref| = {value:.1e}"
+                                      for length, value in differences.items()))
+    print(format_table(rows, on_cuda))
+    print("medians of the timed rounds; ref/forget_mult = ref ms / forget_mult ms (above 1: forget_mult is faster); "
+          "per round: range of that ratio within single rounds"
+          + ("; GB/s: bytes the kernels read and write / forget_mult's median time" if on_cuda else ""))
+
+    results = {
+        "benchmark": "forget_mult",
+        "machine": machine,
+        "config": {
+            "batch_size": args.batch_size, "hidden": args.hidden, "lengths": args.lengths,
+            "dtype": str(args.dtype).replace("torch.", ""), "warmup": args.warmup, "repeats": args.repeats,
+            "seed": args.seed,
+        },
+        "max_differences": differences,
+        "results": rows,
+    }
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
