@@ -208,6 +208,8 @@ class QRNNLayer(nn.Module):
                 forget = forget * (1 - self.zoneout)
         if valid is not None:
             forget = forget * valid  # padded steps carry the state through
+        if hidden is not None:
+            hidden = hidden.to(forget.dtype)  # e.g. a float32 state with float16 gates under autocast
         cell, last = forget_mult(forget.contiguous(), candidate.contiguous(), hidden, reverse=reverse)
         output = torch.sigmoid(output_gate[0]) * cell if self.output_gate else cell  # paper eq. 4
         if valid is not None:

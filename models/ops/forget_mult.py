@@ -12,12 +12,12 @@ the state after the last step processed: h_{T-1} forwards, h_0 in reverse.
 Three implementations with one signature and one result (STYLE section 5):
 
 - `forget_mult_ref`: the specification, a plain loop over time differentiated by autograd;
-- `forget_mult_torch`: one `torch.autograd.Function` on any device. Its forward computes f * x and
-  1 - f for all steps in two vectorised ops, then runs one in-place `addcmul_` per step on
-  contiguous [B, H] slices of a preallocated output, without an autograd graph. Its backward runs the
-  reverse recurrence of the gradient the same way (one `addcmul_` per step) and gets df and dx from
-  it in vectorised ops. On one CPU thread this is about an order of magnitude faster than the
-  reference under autograd (bench/bench_forget_mult.py), which pays for per-step graph nodes;
+- `forget_mult_torch`: one `torch.autograd.Function` on any device. Its forward runs one
+  `torch.lerp(h_{t-1}, x_t, f_t, out=h[t])` per step (lerp is exactly the recurrence) into contiguous
+  [B, H] slices of a preallocated output, without an autograd graph. Its backward runs the reverse
+  recurrence of the gradient the same way (one in-place `addcmul_` per step) and gets df and dx
+  from it in vectorised ops, in two [T, B, H] buffers. The reference under autograd pays for about
+  ten graph nodes per step and their backward; see bench/bench_forget_mult.py for the speed-up;
 - `forget_mult_triton` (models/ops/forget_mult_triton.py): Triton kernels for CUDA tensors.
 
 `forget_mult` picks the Triton kernel for float16, bfloat16 and float32 CUDA tensors when Triton is
@@ -117,8 +117,9 @@ def forget_mult_ref(
     """
     check_arguments(f, x, h0, reverse)
     dtype = compute_dtype(f.dtype)
-    gates, values = f.to(dtype), x.to(dtype)
-    state = h0.to(dtype) if h0 is not None else gates.new_zeros(f.shape[1:])
+    # unbind, not gates[t]: the backward of indexing would add a [T, B, H] gradient per step (O(T^2)).
+    gates, values = f.to(dtype).unbind(0), x.to(dtype).unbind(0)  # T tensors [B, H]
+    state = h0.to(dtype) if h0 is not None else torch.zeros_like(gates[0])
     steps = range(f.size(0) - 1, -1, -1) if reverse else range(f.size(0))
     states: list[Tensor] = [state] * f.size(0)
     for step in steps:
@@ -135,16 +136,16 @@ class ForgetMultFunction(torch.autograd.Function):
         dtype = compute_dtype(f.dtype)
         gates = f.contiguous().to(dtype)
         values = x.contiguous().to(dtype)
-        # h starts as f * x for every step; the loop adds (1 - f_t) * h_{previous} in place.
-        h = torch.mul(gates, values)  # [T, B, H]
-        keep = torch.rsub(gates, 1)  # 1 - f: [T, B, H]
-        steps = list(zip(h.unbind(0), keep.unbind(0)))  # [B, H] views, contiguous
+        h = torch.empty(f.shape, dtype=dtype, device=f.device)  # [T, B, H], every step written below
+        steps = list(zip(h.unbind(0), gates.unbind(0), values.unbind(0)))  # contiguous [B, H] views
         if reverse:
             steps.reverse()
-        previous = h0.to(dtype) if h0 is not None else None
-        for state, keep_step in steps:
-            if previous is not None:
-                state.addcmul_(keep_step, previous)
+        previous = h0.contiguous().to(dtype) if h0 is not None else None
+        for state, gate, value in steps:
+            if previous is None:
+                torch.mul(gate, value, out=state)
+            else:
+                torch.lerp(previous, value, gate, out=state)  # previous + f_t * (x_t - previous)
             previous = state
         h_last = previous.to(f.dtype, copy=True)  # a copy, not a view of h
         h = h.to(f.dtype)
@@ -162,8 +163,9 @@ class ForgetMultFunction(torch.autograd.Function):
         reverse = ctx.reverse
         dtype = compute_dtype(f.dtype)
         gates = f.contiguous().to(dtype)
-        # gradient[t] = g_t: dL/dh_t plus what flows back from later steps (see the module docstring).
-        gradient = torch.empty(f.shape, dtype=dtype, device=f.device)  # [T, B, H]
+        # Two [T, B, H] buffers in all (fresh large buffers are slow to fault in): `gradient` holds g_t
+        # and then becomes dx; `keep` holds 1 - f and then becomes df.
+        gradient = torch.empty(f.shape, dtype=dtype, device=f.device)  # g_t: [T, B, H]
         if grad_h is None:
             gradient.zero_()
         else:
@@ -176,7 +178,7 @@ class ForgetMultFunction(torch.autograd.Function):
         if grad_h_last is not None:
             later_gradient.add_(grad_h_last)
         for gradient_step, keep_step in steps[1:]:
-            gradient_step.addcmul_(later_keep, later_gradient)
+            gradient_step.addcmul_(later_keep, later_gradient)  # g_t = dL/dh_t + (1 - f_later) * g_later
             later_gradient, later_keep = gradient_step, keep_step
         # The loop ends at the first step processed, whose previous state is h0.
         needs_f, needs_x, needs_h0, _ = ctx.needs_input_grad
@@ -191,16 +193,14 @@ class ForgetMultFunction(torch.autograd.Function):
             later, earlier = slice(1, None), slice(None, -1)
             current, previous = (earlier, later) if reverse else (later, earlier)
             first = -1 if reverse else 0
-            difference = torch.empty_like(gradient)  # x_t - h_previous(t): [T, B, H]
+            difference = keep  # 1 - f is no longer needed
             torch.sub(values[current], states[previous], out=difference[current])
             if h0 is None:
                 difference[first].copy_(values[first])
             else:
                 torch.sub(values[first], h0.to(dtype), out=difference[first])
             grad_f = difference.mul_(gradient).to(f.dtype)
-        grad_x = None
-        if needs_x:
-            grad_x = torch.mul(gradient, gates, out=keep).to(x.dtype)  # reuses the 1 - f buffer
+        grad_x = gradient.mul_(gates).to(x.dtype) if needs_x else None  # dx_t = g_t * f_t, last use of g
         return grad_f, grad_x, grad_h0, None
 
 
