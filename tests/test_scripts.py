@@ -20,12 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 LM_SCRIPTS = {"train_rnn": train_rnn, "main": awd_main}
 
 
+CORE_FLAGS = {
+    "LSTM": [], "LSTM-loop": ["--rnn-impl", "loop"], "GRU": [], "GRU-loop": ["--rnn-impl", "loop"],
+    "QRNN": ["--qrnn-window", "2"], "AWD": ["--wdrop", "0.2"],
+}
+
+
 @pytest.mark.parametrize("script", sorted(LM_SCRIPTS))
-@pytest.mark.parametrize("core", ["LSTM", "GRU"])
-@pytest.mark.parametrize("rnn_impl", ["fused", "loop"])
-def test_lm_script_dry_run(script, core, rnn_impl, corpus_dir, tmp_path):
+@pytest.mark.parametrize("case", sorted(CORE_FLAGS))
+def test_lm_script_dry_run(script, case, corpus_dir, tmp_path):
+    core = case.split("-")[0]
     result = LM_SCRIPTS[script].main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "run"), "--dry-run",
-                                      "--model", core, "--rnn-impl", rnn_impl, *TINY_LM_FLAGS])
+                                      "--model", core, *CORE_FLAGS[case], *TINY_LM_FLAGS])
     assert result["stopped"] is None and result["test_ppl"] > 1
     assert (tmp_path / "run" / "best.pt").is_file()
 
