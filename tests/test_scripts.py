@@ -12,17 +12,20 @@ import generate
 import generate_rmc
 import main as awd_main
 import pointer
+import train_rmc
 import train_rnn
+import training
 from errors import UserInputError
 from tests.conftest import TINY_LM_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-LM_SCRIPTS = {"train_rnn": train_rnn, "main": awd_main}
+LM_SCRIPTS = {"train_rnn": train_rnn, "main": awd_main, "train_rmc": train_rmc}
 
 
 CORE_FLAGS = {
     "LSTM": [], "LSTM-loop": ["--rnn-impl", "loop"], "GRU": [], "GRU-loop": ["--rnn-impl", "loop"],
     "QRNN": ["--qrnn-window", "2"], "AWD": ["--wdrop", "0.2"],
+    "RMC": ["--head-size", "8", "--num-heads", "2", "--key-size", "4", "--mem-slots", "2"],
 }
 
 
@@ -67,6 +70,16 @@ def test_generate_rejects_unknown_prompt_words_and_bad_temperature(trained_run):
         generate_rmc.main(["--checkpoint", str(run_dir), "--prompt", "w1 zebra"])
     with pytest.raises(UserInputError, match="--temperature"):
         generate_rmc.main(["--checkpoint", str(run_dir), "--temperature", "0"])
+
+
+def test_generate_from_an_rmc_checkpoint(corpus_dir, tmp_path):
+    run_dir = tmp_path / "rmc"
+    train_rmc.main(["--data", str(corpus_dir), "--run-dir", str(run_dir), "--dry-run", *TINY_LM_FLAGS,
+                    *CORE_FLAGS["RMC"]])
+    model, _ = training.load_checkpoint(run_dir / "best.pt")
+    assert model.config.core == "RMC"
+    text = generate_rmc.main(["--checkpoint", str(run_dir), "--words", "12", "--prompt", "w5 w6"])
+    assert text.startswith("w5 w6 ") and len(text.split()) + text.count("\n") == 14
 
 
 def test_awd_scripts_dry_run_chain(trained_run, corpus_dir, tmp_path):
@@ -118,7 +131,6 @@ def test_train_rnn_help_lists_core_flags():
 
 
 def test_checkpoint_runs_with_the_other_implementation(trained_run, corpus_dir):
-    import training
     from data import Corpus, batchify
 
     run_dir = trained_run()
