@@ -9,6 +9,7 @@ import models
 from models.core import detach_state, map_state, state_from_tensors, state_tensors
 from models.awd import AWDConfig
 from models.qrnn import QRNNConfig
+from models.relational_memory import RMCConfig
 from models.rnn import RNNConfig
 
 T, B, D, H = 7, 3, 5, 6
@@ -19,6 +20,8 @@ VARIANTS = {
     "gru": {"fused": {"implementation": "fused"}, "loop": {"implementation": "loop"}},
     "awd": {"lstm": {"cell": "LSTM"}, "gru": {"cell": "GRU"}, "qrnn": {"cell": "QRNN"}},
     "qrnn": {"window1": {"window": 1}, "window2": {"window": 2, "zoneout": 0.2}, "no_output_gate": {"output_gate": False}},
+    "rmc": {"fast": {"implementation": "fast"}, "reference": {"implementation": "reference"},
+            "memory_gates": {"gate_style": "memory", "num_blocks": 2}},
 }
 
 
@@ -29,6 +32,8 @@ def make_core(name: str, **overrides) -> models.Core:
         config = RNNConfig(input_size=D, hidden_size=H, num_layers=2, **overrides)
     elif cls.Config is AWDConfig:
         config = AWDConfig(input_size=D, hidden_size=H, output_size=4, num_layers=2, wdrop=0.3, **overrides)
+    elif cls.Config is RMCConfig:
+        config = RMCConfig(input_size=D, mem_slots=3, head_size=2, num_heads=2, key_size=3, **overrides)
     elif cls.Config is QRNNConfig:
         config = QRNNConfig(input_size=D, hidden_size=H, num_layers=2, **overrides)
     else:  # pragma: no cover - every core must be listed above
@@ -53,7 +58,10 @@ def test_contract_shapes_and_state_structure(name, case):
     fresh = core.initial_state(B)
     assert type(state) is type(fresh)
     assert [t.shape for t in state_tensors(state)] == [t.shape for t in state_tensors(fresh)]
-    assert all(torch.count_nonzero(t) == 0 for t in state_tensors(fresh))  # deterministic zeros
+    again = core.initial_state(B)
+    assert all(torch.equal(a, b) for a, b in zip(state_tensors(fresh), state_tensors(again)))  # deterministic
+    if name != "rmc":  # the RMC starts from the identity memory (tested in test_relational_memory.py)
+        assert all(torch.count_nonzero(t) == 0 for t in state_tensors(fresh))
     second, _ = core(x, None)
     assert torch.equal(output, second)  # state=None is a fresh, deterministic state
 
