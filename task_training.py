@@ -73,19 +73,9 @@ def task_model_config_from_args(args: argparse.Namespace, task: Task) -> TaskMod
 def add_task_args(parser: argparse.ArgumentParser) -> None:
     """The task loop's flags; scripts set their paper's defaults with `set_defaults`."""
     group = parser.add_argument_group("run")
-    group.add_argument("--seed", type=int, default=1111, help="seed of the model and of the training examples")
+    training.add_run_args(group, dry_run_help="smoke test: two iterations and a test set of at most two batches")
     group.add_argument("--test-seed", "--test_seed", dest="test_seed", type=int, default=2**31 - 1,
                        help="seed of the fixed test set (must differ from --seed)")
-    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    group.add_argument("--cuda", action="store_true", help="use CUDA (same as --device cuda)")
-    group.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    group.add_argument("--run-dir", "--run_dir", dest="run_dir", default=None,
-                       help="folder for args.json, log.jsonl and checkpoints (default: runs/<name>-<time>)")
-    group.add_argument("--name", default=None, help="run name used in the default run folder")
-    group.add_argument("--resume", default=None, metavar="PATH",
-                       help="continue from a checkpoint file or a run folder (its checkpoint.pt)")
-    group.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                       help="smoke test: two iterations and a test set of at most two batches")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--iterations", type=int, default=100000, help="training iterations (one fresh batch each)")
     group.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,

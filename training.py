@@ -53,10 +53,8 @@ class TrainingError(RuntimeError):
 # --------------------------------------------------------------------------- flags and set-up
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags every training script shares; scripts set their paper defaults with `set_defaults`."""
-    group = parser.add_argument_group("data and run")
-    group.add_argument("--data", default="data/penn", help="corpus folder with train.txt, valid.txt, test.txt")
+def add_run_args(group: argparse._ActionsContainer, dry_run_help: str) -> None:
+    """Flags of any run, language model or task: seed, device, threads, run folder, resume, dry run."""
     group.add_argument("--seed", type=int, default=1111, help="random seed")
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     group.add_argument("--cuda", action="store_true", help="use CUDA (same as --device cuda)")
@@ -66,8 +64,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--name", default=None, help="run name used in the default run folder")
     group.add_argument("--resume", default=None, metavar="PATH",
                        help="continue from a checkpoint file or a run folder (its checkpoint.pt)")
-    group.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                       help="smoke test: one epoch of two batches, two evaluation batches")
+    group.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help=dry_run_help)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every training script shares; scripts set their paper defaults with `set_defaults`."""
+    group = parser.add_argument_group("data and run")
+    group.add_argument("--data", default="data/penn", help="corpus folder with train.txt, valid.txt, test.txt")
+    add_run_args(group, dry_run_help="smoke test: one epoch of two batches, two evaluation batches")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int, default=40, help="number of epochs")
     group.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,

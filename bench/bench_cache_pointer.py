@@ -32,7 +32,6 @@ Shapes: `N` tokens, `D` hidden size, `V` vocabulary size, `T` tokens in a bptt w
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -47,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.cache_pointer import cache_pointer, cache_pointer_ref  # noqa: E402
-from bench.common import machine_info, synchronize  # noqa: E402
+from bench.common import machine_info, synchronize, write_results  # noqa: E402
 
 EMSIZE = 400
 LSTM_SIZES = ((400, 1150), (1150, 1150), (1150, 400))  # AWD-LSTM: 3 layers, 1150 hidden, last layer tied to 400
@@ -328,10 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
         "original": original,
         "results": chunk_rows,
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_results(args.json, results)
     return results
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.common import machine_info, synchronize  # noqa: E402
+from bench.common import machine_info, synchronize, write_results  # noqa: E402
 from models.ops.forget_mult import forget_mult, forget_mult_ref  # noqa: E402
 
 PASSES = ("forward", "forward+backward")
@@ -261,10 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_differences": differences,
         "results": rows,
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_results(args.json, results)
     return results
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ import torch  # noqa: E402
 
 from models import LanguageModel, LMConfig, RNNConfig  # noqa: E402
 from models.rnn import IMPLEMENTATIONS  # noqa: E402
-from bench.common import machine_info, synchronize  # noqa: E402
+from bench.common import machine_info, synchronize, write_results  # noqa: E402
 
 EMSIZE = 300
 HIDDEN_SIZE = 300
@@ -292,10 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loss_differences": differences,
         "results": rows,
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_results(args.json, results)
     return results
 
 

@@ -14,7 +14,6 @@ the ratio is measured side by side. Forward-only figures are printed too.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.common import machine_info, synchronize  # noqa: E402
+from bench.common import machine_info, synchronize, write_results  # noqa: E402
 from models.qrnn import QRNNLayer  # noqa: E402
 
 SHAPES = [(105, 20, 640), (35, 20, 256), (500, 8, 256), (20, 64, 1024)]
@@ -95,9 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"medians of {args.repeats} interleaved rounds after {args.warmup} warm-up rounds; "
           "speed-up = LSTM ms / QRNN ms")
     results = {"benchmark": "qrnn_vs_lstm", "machine": machine, "results": rows}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
     return results
 
 

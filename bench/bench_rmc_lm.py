@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.common import machine_info, synchronize  # noqa: E402
+from bench.common import machine_info, synchronize, write_results  # noqa: E402
 from models import LanguageModel, LMConfig, RNNConfig  # noqa: E402
 from models.relational_memory import RMCConfig  # noqa: E402
 
@@ -123,9 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(line)
     results = {"benchmark": "rmc_lm", "machine": machine, "pass": pass_name, "config": vars(args) | {"json": None},
                "results": rows}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_results(args.json, results)
     return results
 
 
