@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from models.core import Core, add_argument_once, register_core
+from models.core import Core, add_argument_once, add_stack_args, register_core, stack_dropout
 from models.regularizers import locked_dropout, weight_dropped
 from models.qrnn import QRNNLayer
 from models.rnn import GRUState, LSTMState
@@ -140,9 +140,7 @@ class AWDStack(Core):
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("AWD stack (weight-dropped LSTM/GRU layers)")
-        add_argument_once(group, "--nhid", type=int, default=1150, help="hidden units per layer")
-        add_argument_once(group, "--nlayers", type=int, default=3, help="number of layers")
-        add_argument_once(group, "--dropouth", type=float, default=0.3, help="dropout between recurrent layers")
+        add_stack_args(group)
         add_argument_once(group, "--wdrop", type=float, default=0.0,
                           help="DropConnect on the hidden-to-hidden weights of each layer")
         add_argument_once(group, "--awd-cell", "--awd_cell", dest="awd_cell", default="LSTM",
@@ -157,6 +155,6 @@ class AWDStack(Core):
             output_size=input_size if tied else args.nhid,
             num_layers=args.nlayers,
             cell=args.awd_cell,
-            dropouth=args.dropouth if args.dropouth is not None else 0.0,
+            dropouth=stack_dropout(args),
             wdrop=args.wdrop,
         )

@@ -98,6 +98,20 @@ def add_argument_once(parser: argparse.ArgumentParser, *flags: str, **kwargs: An
     parser.add_argument(*flags, **kwargs)
 
 
+def add_stack_args(group: argparse._ActionsContainer) -> None:
+    """The flags every stacked core shares: width, depth and dropout between layers."""
+    add_argument_once(group, "--nhid", type=int, default=300, help="hidden units per layer")
+    add_argument_once(group, "--nlayers", type=int, default=1, help="number of layers")
+    add_argument_once(group, "--dropouth", type=float, default=None,
+                      help="dropout between recurrent layers (default: the same as --dropout)")
+
+
+def stack_dropout(args: argparse.Namespace) -> float:
+    """Dropout between layers from --dropouth (or --dropout); 0 for a single layer."""
+    dropout = args.dropouth if args.dropouth is not None else getattr(args, "dropout", 0.0)
+    return dropout if args.nlayers > 1 else 0.0
+
+
 def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: State) -> State:
     """Apply `fn` to every tensor of a state, keeping its structure."""
     if state is None:

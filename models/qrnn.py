@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from models.core import Core, add_argument_once, register_core
+from models.core import add_argument_once, add_stack_args, Core, register_core, stack_dropout
 from models.ops.forget_mult import forget_mult
 
 
@@ -487,12 +487,7 @@ class QRNNCore(Core):
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("QRNN core")
-        add_argument_once(group, "--nhid", type=int, default=300, help="hidden units per layer")
-        add_argument_once(group, "--nlayers", type=int, default=1, help="number of layers")
-        add_argument_once(
-            group, "--dropouth", type=float, default=None,
-            help="dropout between recurrent layers (default: the same as --dropout)",
-        )
+        add_stack_args(group)
         add_argument_once(group, "--qrnn-window", "--qrnn_window", dest="qrnn_window", type=int, default=1,
                           help="QRNN: inputs each step's gates see (the current one and window - 1 before it)")
         add_argument_once(group, "--zoneout", type=float, default=0.0,
@@ -506,12 +501,11 @@ class QRNNCore(Core):
 
     @classmethod
     def config_from_args(cls, args: argparse.Namespace, input_size: int) -> QRNNConfig:
-        dropout = args.dropouth if args.dropouth is not None else getattr(args, "dropout", 0.0)
         return QRNNConfig(
             input_size=input_size,
             hidden_size=args.nhid,
             num_layers=args.nlayers,
-            dropout=dropout if args.nlayers > 1 else 0.0,
+            dropout=stack_dropout(args),
             window=args.qrnn_window,
             zoneout=args.zoneout,
             output_gate=args.output_gate,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.core import Core, add_argument_once, register_core
+from models.core import Core, add_argument_once, add_stack_args, register_core, stack_dropout
 
 IMPLEMENTATIONS = ("fused", "loop")
 
@@ -143,12 +143,7 @@ class _StackedRNN(Core):
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("LSTM / GRU core")
-        add_argument_once(group, "--nhid", type=int, default=300, help="hidden units per layer")
-        add_argument_once(group, "--nlayers", type=int, default=1, help="number of layers")
-        add_argument_once(
-            group, "--dropouth", type=float, default=None,
-            help="dropout between recurrent layers (default: the same as --dropout)",
-        )
+        add_stack_args(group)
         add_argument_once(
             group, "--rnn-impl", "--rnn_impl", dest="rnn_impl", choices=IMPLEMENTATIONS, default="fused",
             help="fused: nn.LSTM/nn.GRU (cuDNN on GPU); loop: explicit per-step cell, same weights",
@@ -156,12 +151,11 @@ class _StackedRNN(Core):
 
     @classmethod
     def config_from_args(cls, args: argparse.Namespace, input_size: int) -> RNNConfig:
-        dropout = args.dropouth if args.dropouth is not None else getattr(args, "dropout", 0.0)
         return RNNConfig(
             input_size=input_size,
             hidden_size=args.nhid,
             num_layers=args.nlayers,
-            dropout=dropout if args.nlayers > 1 else 0.0,
+            dropout=stack_dropout(args),
             implementation=args.rnn_impl,
         )
 
