@@ -28,7 +28,7 @@ from errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_VERSION = 1
+TOKENIZER_VERSION = 2  # 2: only "\n" ends a line (1 used str.splitlines)
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
 CACHE_PREFIX = "corpus."
@@ -81,9 +81,12 @@ def read_tokens(path: Path) -> list[str]:
             f"{path}, line {line}: not valid UTF-8 (byte {raw[error.start]:#04x}); "
             f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
         ) from None
+    lines = text.split("\n")  # only newlines end a sentence (str.splitlines also splits at \x0c, \u2028, ...)
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the file
     tokens: list[str] = []
-    for line in text.splitlines():
-        tokens.extend(line.split())
+    for line in lines:
+        tokens.extend(line.split())  # a trailing "\r" is whitespace too
         tokens.append(EOS)
     return tokens
 
@@ -209,12 +212,15 @@ class Corpus:
                 stale.unlink(missing_ok=True)
 
 
-def batchify(data: torch.Tensor, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+def batchify(
+    data: torch.Tensor, batch_size: int, device: torch.device | str | None = None, name: str = "a split"
+) -> torch.Tensor:
     """Cut a token stream into `batch_size` contiguous columns.
 
     Args:
         data: LongTensor [N].
         batch_size: number of columns B; the last N mod B tokens are dropped.
+        name: how to name the split in the error (e.g. "the test split (--test_batch_size)").
 
     Returns:
         LongTensor [N // B, B]: column b holds tokens b*(N//B) ... (b+1)*(N//B)-1.
@@ -225,7 +231,7 @@ def batchify(data: torch.Tensor, batch_size: int, device: torch.device | str | N
     steps = data.size(0) // batch_size
     if steps < 2:
         raise UserInputError(
-            f"a split of {data.size(0)} tokens cannot fill {batch_size} columns of at least 2 tokens; "
+            f"{name} of {data.size(0)} tokens cannot fill {batch_size} columns of at least 2 tokens; "
             f"use a smaller batch size"
         )
     # [B * (N // B)] -> [B, N // B] -> [N // B, B]

@@ -207,6 +207,11 @@ def git_commit() -> str | None:
 # --------------------------------------------------------------------------- run folders and logs
 
 
+def json_safe(value: Any) -> Any:
+    """Non-finite floats become None, so log.jsonl stays strict JSON (no NaN or Infinity)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 class Run:
     """A run folder: `args.json`, `log.jsonl`, checkpoints. Prints log lines and appends them as JSON."""
 
@@ -247,7 +252,8 @@ class Run:
             print(line, flush=True)
 
     def log(self, event: str, **fields: Any) -> None:
-        record = {"event": event, "time": round(time.time(), 3), **fields}
+        record = {"event": event, "time": round(time.time(), 3),
+                  **{key: json_safe(value) for key, value in fields.items()}}
         with open(self.log_path, "a") as file:
             file.write(json.dumps(record) + "\n")
 
@@ -462,6 +468,9 @@ class TrainState:
     log_bytes: int = 0  # size of log.jsonl when the checkpoint was written
     valid_history: list[float] = dataclasses.field(default_factory=list)  # every validation loss, in order
     asgd: bool = False  # averaged SGD is on (after the NT-ASGD switch, or from the start when fine-tuning)
+    interval_loss: float = 0.0  # running sums for the next log line, kept so a resumed run logs the same
+    interval_batches: int = 0
+    interval_tokens: int = 0
 
 
 class LMTrainer:
@@ -473,9 +482,11 @@ class LMTrainer:
     def __init__(self, model: models.LanguageModel, corpus: Corpus, args: argparse.Namespace,
                  device: torch.device, run: Run):
         self.model, self.corpus, self.args, self.device, self.run = model, corpus, args, device, run
-        self.train_data = batchify(corpus.train, args.batch_size, device)
-        self.valid_data = batchify(corpus.valid, args.eval_batch_size, device)
-        self.test_data = batchify(corpus.test, args.test_batch_size or args.eval_batch_size, device)
+        self.train_data = batchify(corpus.train, args.batch_size, device, "the training split (--batch_size)")
+        self.valid_data = batchify(corpus.valid, args.eval_batch_size, device,
+                                   "the validation split (--eval_batch_size)")
+        self.test_data = batchify(corpus.test, args.test_batch_size or args.eval_batch_size, device,
+                                  "the test split (--test_batch_size)")
         self.optimizer = self.make_optimizer()
         self.scheduler = None
         if args.lr_decay < 1:
@@ -582,12 +593,15 @@ class LMTrainer:
             "rng": rng_state(),
         }
 
-    def save(self, name: str = "checkpoint.pt") -> Path:
+    def save(self, name: str = "checkpoint.pt", copy_best: bool = True) -> Path:
+        """Write `name` in the run folder; best.pt (also copied to --save unless `copy_best` is False) is
+        marked not resumable, since it is taken mid-way through the end of an epoch."""
         self.state.log_bytes = self.run.log_size()
         path = self.run.path / name
-        save_checkpoint(path, self.model, **self.checkpoint_contents())
-        if name == "best.pt" and self.args.save:
-            save_checkpoint(Path(self.args.save), self.model, **self.checkpoint_contents())
+        contents = {**self.checkpoint_contents(), "resumable": name != "best.pt"}
+        save_checkpoint(path, self.model, **contents)
+        if name == "best.pt" and copy_best and self.args.save:
+            save_checkpoint(Path(self.args.save), self.model, **contents)
         return path
 
     def restore(self, checkpoint: dict) -> None:
@@ -677,7 +691,6 @@ class LMTrainer:
         args, state = self.args, self.state
         last_row = self.train_data.size(0) - 1
         total_batches = 2 if args.dry_run else self.batches_per_epoch()
-        interval_loss, interval_batches, interval_tokens = 0.0, 0, 0
         batches_this_epoch = 0
         started = time.perf_counter()
         bar = tqdm(total=total_batches, initial=min(state.position // args.bptt, total_batches),
@@ -698,14 +711,15 @@ class LMTrainer:
                 batches_this_epoch += 1
                 bar.update(1)
                 if loss is not None:
-                    interval_loss += loss
-                    interval_batches += 1
-                    interval_tokens += targets.numel()
+                    state.interval_loss += loss
+                    state.interval_batches += 1
+                    state.interval_tokens += targets.numel()
                     bar.set_postfix(loss=f"{loss:.3f}")
-                if interval_batches and state.step % args.log_interval == 0:
+                if state.interval_batches and state.step % args.log_interval == 0:
                     elapsed = time.perf_counter() - started
-                    self.log_train(interval_loss / interval_batches, interval_batches, interval_tokens, elapsed)
-                    interval_loss, interval_batches, interval_tokens = 0.0, 0, 0
+                    self.log_train(state.interval_loss / state.interval_batches, state.interval_batches,
+                                   state.interval_tokens, elapsed)
+                    state.interval_loss, state.interval_batches, state.interval_tokens = 0.0, 0, 0
                     started = time.perf_counter()
                 if args.save_interval and state.step % args.save_interval == 0:
                     self.save()
@@ -814,6 +828,11 @@ def run_language_model(
     if checkpoint is not None:
         if checkpoint.get("kind") != "LanguageModel":
             raise UserInputError(f"{checkpoint['path']} holds a {checkpoint.get('kind')}, not a language model")
+        if checkpoint.get("resumable") is False:
+            raise UserInputError(
+                f"{checkpoint['path']} holds the best weights, not a resumable state; resume from the run "
+                f"folder or its checkpoint.pt"
+            )
         args = resume_args(args, checkpoint)
     check_common_args(args)
     if args.threads:
@@ -832,10 +851,9 @@ def run_language_model(
         run.log("finetune", start=start["path"])
     else:
         try:
-            config = config_fn(args, len(corpus.dictionary))
+            model = models.LanguageModel(config_fn(args, len(corpus.dictionary))).to(device)
         except ValueError as error:
             raise UserInputError(str(error)) from None
-        model = models.LanguageModel(config).to(device)
         run = Run.create(args, script)
     trainer = LMTrainer(model, corpus, args, device, run)
     if checkpoint is not None:
@@ -844,7 +862,11 @@ def run_language_model(
         run.print(f"| resumed {checkpoint['path']} at epoch {trainer.state.epoch}, step {trainer.state.step}")
     elif finetune_from is not None:
         trainer.switch_optimizer_quietly()
-        run.print(f"| fine-tuning {finetune_from} with averaged SGD")
+        start_loss = evaluate(model, trainer.valid_data, args.bptt, trainer.eval_batches)
+        trainer.state.best_valid_loss = start_loss  # fine-tuning must beat the model it starts from
+        trainer.save("best.pt", copy_best=False)
+        run.print(f"| fine-tuning {finetune_from} with averaged SGD from valid ppl {perplexity(start_loss):.2f}")
+        run.log("valid", epoch=0, step=0, loss=start_loss, ppl=perplexity(start_loss), asgd=False)
     parameters = sum(p.numel() for p in model.parameters())
     run.print(f"| {script}: {model.config.core} language model, {parameters:,} parameters, "
               f"vocabulary {len(corpus.dictionary):,}, device {device}, run folder {run.path}")

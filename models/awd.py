@@ -142,7 +142,7 @@ class AWDStack(Core):
         group = parser.add_argument_group("AWD stack (weight-dropped LSTM/GRU layers)")
         add_stack_args(group)
         add_argument_once(group, "--wdrop", type=float, default=0.0,
-                          help="DropConnect on the hidden-to-hidden weights of each layer")
+                          help="DropConnect on each layer's hidden-to-hidden weights (LSTM/GRU) or gate weights (QRNN)")
         add_argument_once(group, "--awd-cell", "--awd_cell", dest="awd_cell", default="LSTM",
                           choices=sorted(CELLS), help="cell of the AWD stack")
 

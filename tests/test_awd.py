@@ -248,15 +248,22 @@ def test_resume_after_the_asgd_switch_is_bitwise(corpus_dir, tmp_path, monkeypat
 def test_finetune_continues_main_with_asgd_and_stops_by_the_same_rule(corpus_dir, tmp_path, monkeypatch):
     awd_main.main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "main"), *AWD_FLAGS, "--epochs", "1",
                    "--save", str(tmp_path / "PTB.pt")])
-    assert (tmp_path / "PTB.pt").is_file()
-    scripted_validation(monkeypatch, [5.0, 4.0, 4.5, 4.6])  # epoch 4 is worse than the best but the last
+    saved_before = (tmp_path / "PTB.pt").read_bytes()
+    # the loaded model scores 3.0; no epoch beats it; epoch 4 is worse than the best but the last
+    scripted_validation(monkeypatch, [3.0, 5.0, 4.0, 4.5, 4.6])
     result = finetune.main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "ft"), *AWD_FLAGS,
-                            "--checkpoint", str(tmp_path / "main"), "--epochs", "10", "--nonmono", "1"])
+                            "--checkpoint", str(tmp_path / "main"), "--epochs", "10", "--nonmono", "1",
+                            "--save", str(tmp_path / "PTB.pt")])
     assert result["stopped"] == "converged" and result["test_ppl"] > 1
     valid = read_events(tmp_path / "ft", "valid")
-    assert len(valid) == 4 and all(e["asgd"] for e in valid)
+    assert [e["epoch"] for e in valid] == [0, 1, 2, 3, 4] and all(e["asgd"] for e in valid[1:])
     checkpoint = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
     assert "ax" in next(iter(checkpoint["optimizer"]["state"].values()))
+    # nothing beat the starting model: --save keeps it, and best.pt is the starting model
+    assert (tmp_path / "PTB.pt").read_bytes() == saved_before
+    start = torch.load(tmp_path / "main" / "best.pt", weights_only=True)["model"]
+    best = torch.load(tmp_path / "ft" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(start[key], best[key]) for key in start)
 
 
 def test_finetune_needs_a_checkpoint(corpus_dir):

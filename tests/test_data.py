@@ -32,6 +32,12 @@ def test_blank_lines_give_eos_like_the_reference(tmp_path):
     assert corpus.dictionary.decode(corpus.train) == ["a", EOS, EOS, "b", EOS]
 
 
+def test_only_newlines_end_sentences(tmp_path):
+    corpus = Corpus(write_splits(tmp_path / "c", train="a\x0cb\u2028c\r\nd\n"), cache=False)
+    # form feeds and Unicode line separators are whitespace inside a sentence, not sentence ends
+    assert corpus.dictionary.decode(corpus.train) == ["a", "b", "c", EOS, "d", EOS]
+
+
 def test_cache_is_written_reused_and_holds_only_plain_data(tmp_path, monkeypatch):
     folder = write_splits(tmp_path / "c")
     first = Corpus(folder)
@@ -131,8 +137,8 @@ def test_batchify_is_time_major_columns():
     source = batchify(torch.arange(10), 3)
     assert source.shape == (3, 3)
     assert source[:, 0].tolist() == [0, 1, 2] and source[:, 2].tolist() == [6, 7, 8]
-    with pytest.raises(UserInputError, match="smaller batch size"):
-        batchify(torch.arange(5), 4)
+    with pytest.raises(UserInputError, match="the test split .* smaller batch size"):
+        batchify(torch.arange(5), 4, name="the test split")
 
 
 def test_get_batch_targets_are_next_tokens_and_window_is_cut_at_end():

@@ -143,6 +143,25 @@ def test_persistent_non_finite_loss_stops_and_keeps_checkpoints(corpus_dir, tmp_
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
+def test_best_checkpoint_is_not_resumable(corpus_dir, tmp_path):
+    run(corpus_dir, tmp_path / "run", "--epochs", "1")
+    with pytest.raises(UserInputError, match="not a resumable state"):
+        train_rnn.main(["--resume", str(tmp_path / "run" / "best.pt")])
+
+
+def test_log_is_strict_json_and_resumed_log_lines_match(corpus_dir, tmp_path):
+    run(corpus_dir, tmp_path / "whole", "--log-interval", "4")
+    run(corpus_dir, tmp_path / "parts", "--log-interval", "4", "--max-steps", "6")
+    train_rnn.main(["--resume", str(tmp_path / "parts")])
+
+    def train_lines(run_dir):
+        lines = (run_dir / "log.jsonl").read_text()
+        assert "NaN" not in lines and "Infinity" not in lines
+        return [(e["step"], e["loss"]) for e in read_log(run_dir) if e["event"] == "train"]
+
+    assert train_lines(tmp_path / "parts") == train_lines(tmp_path / "whole")
+
+
 def test_new_run_refuses_a_folder_with_checkpoints(corpus_dir, tmp_path):
     run(corpus_dir, tmp_path / "run", "--max-steps", "2")
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
