@@ -41,7 +41,7 @@ import training
 from errors import UserInputError
 from models.core import CORES, get_core_class
 from models.task_model import TaskModel, TaskModelConfig
-from training import Run, StopSignals, TrainingError, public_args
+from training import Run, StopSignals, public_args
 
 # On --resume these keep the checkpoint's values unless typed again (training.resume_args handles the rest).
 TASK_RESUME_OVERRIDABLE = {"iterations", "log_interval", "check_freq", "max_nonfinite"}
@@ -219,28 +219,10 @@ class TaskTrainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.compute_loss(batch)
-        if torch.isfinite(loss):
-            loss.backward()
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            if self.args.clip > 0:
-                grad_norm = nn.utils.clip_grad_norm_(params, self.args.clip)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-            if torch.isfinite(grad_norm):
-                self.optimizer.step()
-                self.state.nonfinite_streak = 0
-                return loss.item()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.nonfinite_streak += 1
-        self.state.skipped_steps += 1
-        self.run.print(f"| step {self.state.step + 1}: non-finite loss or gradient; step skipped")
-        self.run.log("nonfinite", step=self.state.step + 1)
-        if self.state.nonfinite_streak >= self.args.max_nonfinite:
-            raise TrainingError(
-                f"the loss or gradient was not finite for {self.state.nonfinite_streak} consecutive steps "
-                f"(step {self.state.step + 1}); lower --lr or set --clip. Checkpoints already in "
-                f"{self.run.path} are unchanged"
-            )
+        if training.finite_step(self.model, self.optimizer, loss, self.args.clip):
+            self.state.nonfinite_streak = 0
+            return loss.item()
+        training.skip_nonfinite(self.run, self.state, self.args.max_nonfinite, "step skipped")
         return None
 
     @torch.no_grad()

@@ -454,6 +454,42 @@ def nt_asgd_triggered(history: list[float], valid_loss: float, nonmono: int) -> 
     return nonmono > 0 and len(history) > nonmono and valid_loss > min(history[:-nonmono])
 
 
+def finite_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> bool:
+    """Backward, clip to `clip` (0: off) and step, unless the loss or the gradient norm is not finite.
+
+    Returns whether the optimiser stepped; when it did not, the gradients are cleared.
+    """
+    if torch.isfinite(loss):
+        loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        if clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            return True
+    optimizer.zero_grad(set_to_none=True)
+    return False
+
+
+def skip_nonfinite(run: Run, state: Any, max_nonfinite: int, action: str, **fields: Any) -> None:
+    """Count, print and log a skipped non-finite step; raise TrainingError once they persist.
+
+    `state` has `step`, `nonfinite_streak` and `skipped_steps` (TrainState, the task loop's state).
+    """
+    state.nonfinite_streak += 1
+    state.skipped_steps += 1
+    run.print(f"| step {state.step + 1}: non-finite loss or gradient; {action}")
+    run.log("nonfinite", step=state.step + 1, **fields)
+    if state.nonfinite_streak >= max_nonfinite:
+        raise TrainingError(
+            f"the loss or gradient was not finite for {state.nonfinite_streak} consecutive steps "
+            f"(step {state.step + 1}); lower --lr or --clip, or check the data. Checkpoints already "
+            f"in {run.path} are unchanged"
+        )
+
+
 @dataclasses.dataclass
 class TrainState:
     """Loop position and bookkeeping; with the weights, optimiser, RNG and hidden state it resumes a run."""
@@ -638,30 +674,13 @@ class LMTrainer:
         self.hidden = detach_state(self.hidden)
         self.optimizer.zero_grad(set_to_none=True)
         loss, next_hidden, cross_entropy = self.compute_loss(inputs, targets)
-        if torch.isfinite(loss):
-            loss.backward()
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            if self.args.clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.clip)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-            if torch.isfinite(grad_norm):
-                self.optimizer.step()
-                self.hidden = next_hidden
-                self.state.nonfinite_streak = 0
-                return cross_entropy.item()
-        self.optimizer.zero_grad(set_to_none=True)
+        if finite_step(self.model, self.optimizer, loss, self.args.clip):
+            self.hidden = next_hidden
+            self.state.nonfinite_streak = 0
+            return cross_entropy.item()
         self.hidden = self.model.initial_state(self.args.batch_size, self.device)
-        self.state.nonfinite_streak += 1
-        self.state.skipped_steps += 1
-        self.run.print(f"| step {self.state.step + 1}: non-finite loss or gradient; step skipped, state reset")
-        self.run.log("nonfinite", step=self.state.step + 1, epoch=self.state.epoch)
-        if self.state.nonfinite_streak >= self.args.max_nonfinite:
-            raise TrainingError(
-                f"the loss or gradient was not finite for {self.state.nonfinite_streak} consecutive steps "
-                f"(step {self.state.step + 1}); lower --lr or --clip, or check the data. Checkpoints already "
-                f"in {self.run.path} are unchanged"
-            )
+        skip_nonfinite(self.run, self.state, self.args.max_nonfinite, "step skipped, state reset",
+                       epoch=self.state.epoch)
         return None
 
     def batches_per_epoch(self) -> int:
