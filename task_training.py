@@ -83,16 +83,9 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=64, help="batch size")
     group.add_argument("--test-size", "--test_size", dest="test_size", type=int, default=3200,
                        help="examples in the fixed test set")
-    group.add_argument("--optimizer", choices=("adam", "rmsprop", "sgd"), default="adam", help="optimiser")
-    group.add_argument("--lr", type=float, default=1e-4, help="learning rate")
-    group.add_argument("--wdecay", type=float, default=0.0, help="weight decay")
-    group.add_argument("--clip", type=float, default=0.0, help="gradient norm clipping (0: off)")
-    group.add_argument("--lr-decay", "--lr_decay", dest="lr_decay", type=float, default=0.5,
-                       help="factor applied to the learning rate when the test loss plateaus (1: off)")
-    group.add_argument("--patience", type=int, default=20,
-                       help="evaluations without test-loss improvement before the learning rate is decayed")
-    group.add_argument("--max-nonfinite", "--max_nonfinite", dest="max_nonfinite", type=int, default=10,
-                       help="stop after this many consecutive non-finite losses or gradients")
+    training.add_update_args(group, optimizers=("adam", "rmsprop", "sgd"),
+                             evaluation="evaluations without test-loss improvement")
+    parser.set_defaults(optimizer="adam", lr=1e-4, clip=0.0, patience=20)
     group = parser.add_argument_group("logging")
     group.add_argument("--log-interval", "--log_interval", dest="log_interval", type=int, default=100,
                        help="iterations between training log lines")

@@ -67,6 +67,22 @@ def add_run_args(group: argparse._ActionsContainer, dry_run_help: str) -> None:
     group.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help=dry_run_help)
 
 
+def add_update_args(group: argparse._ActionsContainer, optimizers: tuple[str, ...], evaluation: str) -> None:
+    """Flags of the parameter update, shared by the LM and task loops; each sets its own defaults.
+
+    `evaluation` names what the plateau schedule counts (e.g. "epochs without validation improvement").
+    """
+    group.add_argument("--optimizer", choices=optimizers, help="optimiser")
+    group.add_argument("--lr", type=float, help="learning rate")
+    group.add_argument("--wdecay", type=float, default=0.0, help="weight decay")
+    group.add_argument("--clip", type=float, help="gradient norm clipping (0: off)")
+    group.add_argument("--lr-decay", "--lr_decay", dest="lr_decay", type=float, default=0.5,
+                       help="factor applied to the learning rate when the evaluated loss plateaus (1: off)")
+    group.add_argument("--patience", type=int, help=f"{evaluation} before the learning rate is decayed")
+    group.add_argument("--max-nonfinite", "--max_nonfinite", dest="max_nonfinite", type=int, default=10,
+                       help="stop after this many consecutive non-finite losses or gradients")
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Flags every training script shares; scripts set their paper defaults with `set_defaults`."""
     group = parser.add_argument_group("data and run")
@@ -82,16 +98,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--test_batch_size", "--test-batch-size", dest="test_batch_size", type=int, default=None,
                        help="batch size for the test set (default: --eval_batch_size)")
     group.add_argument("--bptt", type=int, default=35, help="truncated-BPTT window length")
-    group.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimiser")
-    group.add_argument("--lr", type=float, default=20.0, help="learning rate")
-    group.add_argument("--wdecay", type=float, default=0.0, help="weight decay")
-    group.add_argument("--clip", type=float, default=0.25, help="gradient norm clipping (0: off)")
-    group.add_argument("--lr-decay", "--lr_decay", dest="lr_decay", type=float, default=0.5,
-                       help="factor applied to the learning rate when validation loss plateaus (1: off)")
-    group.add_argument("--patience", type=int, default=5,
-                       help="epochs without validation improvement before the learning rate is decayed")
-    group.add_argument("--max-nonfinite", "--max_nonfinite", dest="max_nonfinite", type=int, default=10,
-                       help="stop after this many consecutive non-finite losses or gradients")
+    add_update_args(group, optimizers=("sgd", "adam"), evaluation="epochs without validation improvement")
+    parser.set_defaults(optimizer="sgd", lr=20.0, clip=0.25, patience=5)
     group = parser.add_argument_group("logging")
     group.add_argument("--log-interval", "--log_interval", dest="log_interval", type=int, default=200,
                        help="batches between log lines")
