@@ -9,15 +9,20 @@ from models.rnn import GRU, LSTM, GRUState, LSTMState, RNNConfig
 from models.awd import AWDConfig, AWDStack
 from models.qrnn import QRNN, QRNNConfig, QRNNCore, QRNNLayer, QRNNState
 from models.relational_memory import RMCConfig, RMCCore, RelationalMemory
-from models.task_model import TaskModel, TaskModelConfig
+from models.rnnlib import RNNLibConfig, RNNLibCore
+from models.dnc import DNC, SAM, SDNC, DNCConfig, DNCCore, SAMConfig, SAMCore, SDNCConfig, SDNCCore
+from models.task_model import SequenceModel, TaskModel, TaskModelConfig
 
 # Model classes a checkpoint can name, with their config dataclass (see training.load_checkpoint).
-MODEL_CLASSES = {"LanguageModel": (LanguageModel, LMConfig), "TaskModel": (TaskModel, TaskModelConfig)}
+MODEL_CLASSES = {"LanguageModel": (LanguageModel, LMConfig), "TaskModel": (TaskModel, TaskModelConfig),
+                 "SequenceModel": (SequenceModel, TaskModelConfig)}
 
 __all__ = [
     "CORES", "Core", "State", "build_core", "detach_state", "get_core_class", "register_core",
     "LanguageModel", "LMConfig", "add_lm_args", "lm_config_from_args",
     "GRU", "LSTM", "GRUState", "LSTMState", "RNNConfig", "AWDConfig", "AWDStack", "MODEL_CLASSES",
     "QRNN", "QRNNConfig", "QRNNCore", "QRNNLayer", "QRNNState", "RMCConfig", "RMCCore", "RelationalMemory",
-    "TaskModel", "TaskModelConfig",
+    "RNNLibConfig", "RNNLibCore",
+    "DNC", "SAM", "SDNC", "DNCConfig", "DNCCore", "SAMConfig", "SAMCore", "SDNCConfig", "SDNCCore",
+    "SequenceModel", "TaskModel", "TaskModelConfig",
 ]

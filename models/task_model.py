@@ -1,12 +1,17 @@
-"""A recurrent core read out at its last step through an MLP: the model of the algorithmic tasks.
+"""Recurrent cores read out through an MLP: the models of the algorithmic tasks.
 
-Shapes: `T` time steps, `B` batch, `F` input features, `D` the core's output size, `K` classes.
+`TaskModel` reads the core's last step (one answer per example: N-th farthest); `SequenceModel`
+reads every step (the DNC tasks, whose losses pick the answer steps with a mask). Both take the
+same `TaskModelConfig`, so checkpoints of either rebuild through `training.load_checkpoint`.
+
+Shapes: `T` time steps, `B` batch, `F` input features, `D` the core's output size, `K` outputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,3 +51,23 @@ class TaskModel(nn.Module):
         """inputs: [T, B, F] -> logits [B, K] from the core's output at step T - 1 (fresh state each call)."""
         outputs, _ = self.core(inputs)  # [T, B, D]
         return self.mlp(outputs[-1])
+
+
+class SequenceModel(TaskModel):
+    """A core read out at every step through the MLP: inputs [T, B, F] -> outputs [T, B, K]."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs: [T, B, F] -> outputs [T, B, K] (fresh state each call)."""
+        outputs, _ = self.core(inputs)  # [T, B, D]
+        return self.mlp(outputs)
+
+    @property
+    def has_memory_view(self) -> bool:
+        """Whether the core can show its memory (`debug_forward`: the DNC, SAM and SDNC cores)."""
+        return hasattr(self.core, "debug_forward")
+
+    def debug_forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """`forward` plus the core's debug dict: NumPy arrays for batch element 0, one row per
+        (layer, time step) (see models/dnc/visualize.py). Only for cores with `has_memory_view`."""
+        outputs, _, debug = self.core.debug_forward(inputs, None)
+        return self.mlp(outputs), debug

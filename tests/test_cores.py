@@ -8,9 +8,11 @@ import torch
 import models
 from models.core import detach_state, map_state, state_from_tensors, state_tensors
 from models.awd import AWDConfig
+from models.dnc import DNCConfig, SAMConfig, SDNCConfig
 from models.qrnn import QRNNConfig
 from models.relational_memory import RMCConfig
 from models.rnn import RNNConfig
+from models.rnnlib import RNNLibConfig
 
 T, B, D, H = 7, 3, 5, 6
 
@@ -22,6 +24,13 @@ VARIANTS = {
     "qrnn": {"window1": {"window": 1}, "window2": {"window": 2, "zoneout": 0.2}, "no_output_gate": {"output_gate": False}},
     "rmc": {"fast": {"implementation": "fast"}, "reference": {"implementation": "reference"},
             "memory_gates": {"gate_style": "memory", "num_blocks": 2}},
+    "dnc": {"lstm": {}, "gru_two_layers": {"rnn_type": "gru", "num_layers": 2, "num_hidden_layers": 1},
+            "checkpointed": {"checkpoint_steps": 2}},
+    "sam": {"lstm": {}},
+    "sdnc": {"lstm": {}, "unshared_two_layers": {"num_layers": 2, "share_memory": False}},
+    "rnnlib": {"lstm": {"cell": "lstm"}, "gru-loop": {"cell": "gru", "implementation": "loop"},
+               "elman-widths": {"cell": "elman-sigmoid", "hids": [4, 7]},
+               "relu-runs": {"cell": "elman-relu", "hids": [4, H, H]}},
 }
 
 
@@ -36,6 +45,12 @@ def make_core(name: str, **overrides) -> models.Core:
         config = RMCConfig(input_size=D, mem_slots=3, head_size=2, num_heads=2, key_size=3, **overrides)
     elif cls.Config is QRNNConfig:
         config = QRNNConfig(input_size=D, hidden_size=H, num_layers=2, **overrides)
+    elif cls.Config in (DNCConfig, SAMConfig, SDNCConfig):
+        sparse = {"sparse_reads": 2} if cls.Config is SAMConfig else {"sparse_reads": 2, "temporal_reads": 1}
+        config = cls.Config(input_size=D, hidden_size=H, nr_cells=8, read_heads=2, cell_size=3,
+                            **(sparse if cls.Config is not DNCConfig else {}), **overrides)
+    elif cls.Config is RNNLibConfig:
+        config = RNNLibConfig(**{"input_size": D, "hids": [H, H], **overrides})
     else:  # pragma: no cover - every core must be listed above
         raise AssertionError(f"no small config for core {name}")
     return cls(config)
@@ -60,7 +75,7 @@ def test_contract_shapes_and_state_structure(name, case):
     assert [t.shape for t in state_tensors(state)] == [t.shape for t in state_tensors(fresh)]
     again = core.initial_state(B)
     assert all(torch.equal(a, b) for a, b in zip(state_tensors(fresh), state_tensors(again)))  # deterministic
-    if name != "rmc":  # the RMC starts from the identity memory (tested in test_relational_memory.py)
+    if name not in ("rmc", "sam", "sdnc"):  # the RMC starts from the identity memory, SAM/SDNC from a fill order
         assert all(torch.count_nonzero(t) == 0 for t in state_tensors(fresh))
     second, _ = core(x, None)
     assert torch.equal(output, second)  # state=None is a fresh, deterministic state

@@ -26,6 +26,10 @@ CORE_FLAGS = {
     "LSTM": [], "LSTM-loop": ["--rnn-impl", "loop"], "GRU": [], "GRU-loop": ["--rnn-impl", "loop"],
     "QRNN": ["--qrnn-window", "2"], "AWD": ["--wdrop", "0.2"],
     "RMC": ["--head-size", "8", "--num-heads", "2", "--key-size", "4", "--mem-slots", "2"],
+    "DNC": ["-mem_slot", "4", "-mem_size", "3", "-read_heads", "1", "-nhlayer", "1"],
+    "SAM": ["-mem_slot", "8", "-mem_size", "3", "-read_heads", "1", "-sparse_reads", "2"],
+    "SDNC": ["--mem_slot", "8", "--mem_size", "3", "--read_heads", "1", "--sparse_reads", "2", "--temporal_reads", "1"],
+    "RNNLIB": ["--cell", "gru", "--hids", "16", "24"],
 }
 
 

@@ -1,0 +1,258 @@
+"""DNC, SAM and SDNC: forward+backward time and memory saved for backward against the number of cells.
+
+The issue's setting: batch 8, sequence 20, input 64, LSTM controller of 128 units (the published
+defaults: one layer of two LSTM layers), 4 read heads, cells of 32; SAM and SDNC with the
+published sparse_reads 4 and temporal_reads 4. One pass is the forward pass over the 20 steps and
+the backward pass of the mean square of the output (no optimiser step); "ms/step" is its time
+divided by the 20 time steps, the unit of the issue's figures (its published-library DNC at 16
+cells, 11 ms, cannot be a whole 20-step pass: the controller alone takes longer). Rounds
+interleave the models; times are medians. Also reported: the time to construct SAM and SDNC at
+65,536 cells (constructor and initial state).
+
+Bytes saved for backward are the unique storages that stay alive from the forward pass to the
+backward pass: the tensors autograd saves (`torch.autograd.graph.saved_tensors_hooks`; the DNC's
+last segment runs without checkpointing and is counted here) plus the inputs of the DNC's
+checkpointed segments (checkpointing keeps those and saves nothing inside). `peak` is the larger
+of that and what exists while an earlier segment is recomputed during backward: the segment inputs
+plus one segment's saved tensors (measured by running one segment without checkpointing).
+
+Targets (issue 6): DNC at 1,024 cells <= 120 ms per step and <= 280 MiB saved; SAM and SDNC at
+16,384 cells <= 20 ms per step and <= 40 MiB, t(65,536) / t(1,024) <= 3; construction < 1 s.
+
+    python bench/bench_dnc.py                                  # 1 thread, CPU, about 5 min
+    python bench/bench_dnc.py --quick                          # one timed round
+    python bench/bench_dnc.py --json bench/out/dnc.json --plot bench/out/dnc.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # run as `python bench/bench_dnc.py` from anywhere
+
+import torch  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+import models.dnc.dnc as dnc_module  # noqa: E402
+from bench.common import machine_info, synchronize, write_results  # noqa: E402
+from models.core import state_tensors  # noqa: E402
+from models.dnc import DNC, SAM, SDNC  # noqa: E402
+
+MIB = 2 ** 20
+CLASSES = {"DNC": DNC, "SAM": SAM, "SDNC": SDNC}
+TARGETS = {  # kind: (cells, ms per time step, MiB saved for backward)
+    "DNC": (1024, 120.0, 280.0),
+    "SAM": (16384, 20.0, 40.0),
+    "SDNC": (16384, 20.0, 40.0),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dnc-cells", dest="dnc_cells", type=int, nargs="+", default=[16, 256, 1024])
+    parser.add_argument("--sparse-cells", dest="sparse_cells", type=int, nargs="+", default=[1024, 16384, 65536])
+    parser.add_argument("--kinds", nargs="+", choices=list(CLASSES), default=list(CLASSES))
+    parser.add_argument("--construction-cells", dest="construction_cells", type=int, default=65536)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20, help="sequence length")
+    parser.add_argument("--input", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--read-heads", dest="read_heads", type=int, default=4)
+    parser.add_argument("--cell", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds")
+    parser.add_argument("--quick", action="store_true", help="one untimed and one timed round")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--plot", type=Path, default=REPO_ROOT / "bench" / "out" / "dnc.png",
+                        help="write the time and memory plot here (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup = 1, 1
+    return args
+
+
+def build(kind: str, cells: int, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    return CLASSES[kind](input_size=args.input, hidden_size=args.hidden, rnn_type="lstm", nr_cells=cells,
+                         read_heads=args.read_heads, cell_size=args.cell, batch_first=True, device=device)
+
+
+def training_step(model: torch.nn.Module, x: torch.Tensor) -> float:
+    model.zero_grad(set_to_none=True)
+    synchronize(x.device)
+    start = time.perf_counter()
+    output, _ = model(x)
+    output.pow(2).mean().backward()
+    synchronize(x.device)
+    return time.perf_counter() - start
+
+
+class StorageCounter:
+    """Unique storages (by data pointer) of the tensors handed to `add`."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, int] = {}
+
+    def add(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        self.sizes[storage.data_ptr()] = max(self.sizes.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """MiB kept for backward by one forward pass, and the peak with one segment being recomputed."""
+    counter, inputs = StorageCounter(), StorageCounter()
+    real_checkpoint = dnc_module.checkpoint
+    segments: list[int] = []
+
+    def counting_checkpoint(function, *arguments, **options):
+        for leaf in tree_leaves(arguments):
+            if isinstance(leaf, torch.Tensor):
+                counter.add(leaf)
+                inputs.add(leaf)
+        segments.append(arguments[0].size(0))
+        return real_checkpoint(function, *arguments, **options)
+
+    dnc_module.checkpoint = counting_checkpoint
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(counter.add, lambda tensor: tensor):
+            output, _ = model(x)
+        held = counter.total
+        del output
+        segment_bytes = 0
+        if segments:  # one segment's saved tensors, without checkpointing
+            core = model.core
+            configured = core.config.checkpoint_steps
+            core.config.checkpoint_steps = 0
+            try:
+                start = core.initial_state(x.size(0), x.device)  # the segment's input, counted above
+                known = {tensor.untyped_storage().data_ptr() for tensor in state_tensors(start)}
+                inner = StorageCounter()
+                with torch.autograd.graph.saved_tensors_hooks(inner.add, lambda tensor: tensor):
+                    output, _ = model(x[:, :max(segments)], start)
+                segment_bytes = sum(size for pointer, size in inner.sizes.items() if pointer not in known)
+                del output
+            finally:
+                core.config.checkpoint_steps = configured
+    finally:
+        dnc_module.checkpoint = real_checkpoint
+    recomputing = inputs.total + segment_bytes if segments else 0
+    return {"saved_mib": held / MIB, "peak_mib": max(held, recomputing) / MIB, "checkpointed_segments": len(segments)}
+
+
+def construction_seconds(kind: str, cells: int, args: argparse.Namespace, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    model = build(kind, cells, args, device)
+    model.core.initial_state(args.batch, device)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    figure, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind in dict.fromkeys(row["kind"] for row in rows):
+        kind_rows = [row for row in rows if row["kind"] == kind]
+        cells = [row["cells"] for row in kind_rows]
+        time_axes.plot(cells, [row["ms_per_step"] for row in kind_rows], marker="o", label=kind)
+        memory_axes.plot(cells, [row["saved_mib"] for row in kind_rows], marker="o", label=f"{kind} saved")
+        if any(row["peak_mib"] != row["saved_mib"] for row in kind_rows):
+            memory_axes.plot(cells, [row["peak_mib"] for row in kind_rows], marker="x", linestyle="--",
+                             label=f"{kind} peak")
+    for axes, label in ((time_axes, "ms per time step (forward+backward)"), (memory_axes, "MiB saved for backward")):
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.set_xlabel("memory cells N")
+        axes.set_ylabel(label)
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend()
+    figure.suptitle("DNC / SAM / SDNC: batch 8, 20 steps, forward+backward")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    machine = machine_info(device)
+    print(f"machine: {machine['cpu']}, {machine['threads']} torch threads, torch {machine['torch']}, "
+          f"device {machine.get('gpu', machine['device'])}")
+    variants = [(kind, cells) for kind in args.kinds
+                for cells in (args.dnc_cells if kind == "DNC" else args.sparse_cells)]
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.steps, args.input, device=device)
+    built = {variant: build(*variant, args, device) for variant in variants}
+    seconds: dict[tuple[str, int], list[float]] = {variant: [] for variant in variants}
+    for round_index in range(args.warmup + args.repeats):
+        for variant, model in built.items():
+            elapsed = training_step(model, x)
+            if round_index >= args.warmup:
+                seconds[variant].append(elapsed)
+        print(f"  round {round_index + 1}/{args.warmup + args.repeats} done", file=sys.stderr, flush=True)
+    rows = []
+    for (kind, cells), model in built.items():
+        ms = 1000 * statistics.median(seconds[(kind, cells)])
+        rows.append({"kind": kind, "cells": cells, "ms_per_step": ms / args.steps, "ms_per_pass": ms,
+                     **saved_bytes(model, x)})
+    construction = {kind: construction_seconds(kind, args.construction_cells, args, device)
+                    for kind in args.kinds if kind != "DNC"}
+
+    print(f"batch {args.batch}, {args.steps} steps, input {args.input}, LSTM {args.hidden} (2 layers), "
+          f"{args.read_heads} read heads, cells of {args.cell}; forward+backward, medians of {args.repeats}")
+    print(f"{'model':<5} {'cells':>7} {'ms/step':>9} {'ms/pass':>9} {'saved MiB':>10} {'peak MiB':>9} "
+          f"{'checkpointed':>12}")
+    for row in rows:
+        print(f"{row['kind']:<5} {row['cells']:>7,} {row['ms_per_step']:>9.2f} {row['ms_per_pass']:>9.1f} "
+              f"{row['saved_mib']:>10.1f} {row['peak_mib']:>9.1f} {row['checkpointed_segments']:>12}")
+    for kind, value in construction.items():
+        print(f"construction of {kind} at {args.construction_cells:,} cells: {value:.3f} s (target < 1 s)")
+
+    checks = []
+    by_key = {(row["kind"], row["cells"]): row for row in rows}
+    for kind, (cells, ms_target, mib_target) in TARGETS.items():
+        row = by_key.get((kind, cells))
+        if row is None:
+            continue
+        checks.append(f"{kind} {cells:,}: {row['ms_per_step']:.2f} ms/step / {ms_target:g} = "
+                      f"{row['ms_per_step'] / ms_target:.2f}; "
+                      f"saved {row['saved_mib']:.1f} MiB (peak {row['peak_mib']:.1f}) / {mib_target:g} MiB = "
+                      f"{row['peak_mib'] / mib_target:.2f}")
+        small, large = by_key.get((kind, 1024)), by_key.get((kind, 65536))
+        if kind != "DNC" and small and large:
+            checks.append(f"{kind} t(65,536) / t(1,024) = {large['ms_per_step'] / small['ms_per_step']:.2f} "
+                          f"(target <= 3)")
+    print("against the targets (ratio <= 1 meets it; memory judged by the peak):")
+    for line in checks:
+        print("  " + line)
+    if args.plot is not None:
+        plot(rows, args.plot)
+    results = {"benchmark": "dnc", "machine": machine, "config": vars(args) | {"json": None, "plot": None},
+               "results": rows, "construction_seconds": construction, "checks": checks}
+    write_results(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+"""The DNC's dense memory (Graves et al. 2016, Nature, "Hybrid computing using a neural network with
+dynamic external memory", Methods), behind the memory contract of the DNC/SAM/SDNC wrapper.
+
+One step reads the interface vector from the controller output xi through the memory's own Linear
+layer(s) and then, with `t-1` marking the state the step starts from:
+
+    interface   k^r_i, beta^r_i = oneplus(.), k^w, beta^w = oneplus(.), e = sigmoid(.), v,
+                f_i = sigmoid(.), g^a = sigmoid(.), g^w = sigmoid(.), pi_i = softmax(.) over 3 modes
+    content     C(M, k, beta)[n] = softmax_n(beta * cos(k, M[n]))                    "content-based addressing"
+    usage       psi = prod_i (1 - f_i w^r_{t-1,i});  u = (u_{t-1} + w^w_{t-1} - u_{t-1} w^w_{t-1}) psi
+    allocation  phi = the cells in ascending order of usage;
+                a[phi_j] = (1 - u[phi_j]) prod_{i<j} u[phi_i]                         "dynamic memory allocation"
+    write       c^w = C(M_{t-1}, k^w, beta^w);  w^w = g^w (g^a a + (1 - g^a) c^w)
+                M = M_{t-1} (1 - w^w e^T) + w^w v^T                                  "writing"
+    links       L[i, j] = (1 - w^w_i - w^w_j) L_{t-1}[i, j] + w^w_i p_{t-1}[j],  L[i, i] = 0
+                p = (1 - sum_i w^w_i) p_{t-1} + w^w                                  "temporal memory linkage"
+    reads       f_i = L w^r_{t-1,i} (forward),  b_i = L^T w^r_{t-1,i} (backward),  c^r_i = C(M, k^r_i, beta^r_i)
+                w^r_i = pi_i[0] b_i + pi_i[1] c^r_i + pi_i[2] f_i;  r_i = M^T w^r_i    "reading"
+
+The read modes are ordered as in the paper: backward, content, forward. Two small constants keep the
+maths finite, as in google-deepmind/dnc `addressing.py`: cosine similarity normalises each vector by
+sqrt(|x|^2 + 1e-6), so an all-zero memory gives similarity 0 and uniform content weights; allocation
+first maps usage to 1e-6 + (1 - 1e-6) u, so no factor of the cumulative product is exactly zero (the
+order of cells, and the allocation up to ~1e-6, are unchanged). Ties in usage are broken by the lower
+cell index first (a stable sort), so a fresh memory allocates cell 0 first.
+
+Speed. Everything but the link matrix is O(B N (W + R)); the link update and the two temporal reads are
+O(B N^2) and dominate at large N. They run in one `torch.autograd.Function`
+(`link_update_and_temporal_reads`) whose forward and backward walk the [B, N, N] matrices once each, a
+block of rows at a time so that the half-dozen elementwise operations and the skinny products of a block
+run on data in the CPU cache (on other devices the block is the whole matrix), and allocate one
+[B, N, N] tensor each (the new link matrix; the gradient of the old one). Autograd on the plain formula
+(`link_update_and_temporal_reads_ref`, the specification it is tested against) saves an extra
+[B, N, N] factor per step, makes about ten passes over such tensors in its backward, and made a whole
+step about five times slower at N = 1,024 on one CPU thread. Fresh large tensors are slow to fault in
+on Linux (about 20 ms for the 32 MiB link matrix of B = 8, N = 1,024): THP_MEM_ALLOC_ENABLE=1 in the
+environment (PyTorch >= 2.2) lets PyTorch back them with huge pages, about five times faster.
+
+Padding. With a mask, rows that are False get zero write weights for the memory, the link matrix and
+the precedence (which leaves all three exactly unchanged) and keep their usage, write weights and read
+weights; their read vectors are computed as usual and are to be ignored.
+
+Shapes: `B` batch, `N` cells (nr_cells), `W` cell size, `R` read heads, `H` heads of a content lookup,
+`X` the controller output size (input_size), `c` rows of a block of the link matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+SIMILARITY_EPSILON = 1e-6  # added to squared norms in the cosine similarity (google-deepmind/dnc)
+USAGE_EPSILON = 1e-6  # allocation sees eps + (1 - eps) u (google-deepmind/dnc)
+LINK_BLOCK_BYTES = 1 << 19  # on CPU, the link matrix is processed in blocks of rows of about this size
+STATE_KEYS = ("memory", "link_matrix", "precedence", "read_weights", "write_weights", "usage_vector")
+READ_MODES = 3  # backward, content, forward
+
+
+class Interface(NamedTuple):
+    """The interface vector split into its parts, after their activations."""
+
+    read_keys: Tensor  # [B, R, W]
+    read_strengths: Tensor  # [B, R], >= 1
+    write_key: Tensor  # [B, W]
+    write_strength: Tensor  # [B], >= 1
+    erase_vector: Tensor  # [B, W], in (0, 1)
+    write_vector: Tensor  # [B, W]
+    free_gates: Tensor  # [B, R], in (0, 1)
+    allocation_gate: Tensor  # [B], in (0, 1)
+    write_gate: Tensor  # [B], in (0, 1)
+    read_modes: Tensor  # [B, R, 3], rows sum to 1: backward, content, forward
+
+
+def oneplus(x: Tensor) -> Tensor:
+    """1 + softplus(x): the strengths' activation, in [1, inf)."""
+    return 1 + F.softplus(x)
+
+
+def content_weighting(keys: Tensor, strengths: Tensor, memory: Tensor) -> Tensor:
+    """Content-based addressing: softmax over cells of strength * cosine(key, cell).
+
+    Args:
+        keys: [B, H, W] lookup keys.
+        strengths: [B, H] sharpening strengths (>= 1 from `oneplus`).
+        memory: [B, N, W].
+
+    Returns:
+        [B, H, N] weights, each row sums to 1 (uniform where the memory or the key is all zeros).
+    """
+    dot = torch.bmm(keys, memory.transpose(1, 2))  # [B, H, W] x [B, W, N] -> [B, H, N]
+    key_norms = torch.sqrt(keys.square().sum(-1) + SIMILARITY_EPSILON)  # [B, H]
+    memory_norms = torch.sqrt(memory.square().sum(-1) + SIMILARITY_EPSILON)  # [B, N]
+    similarity = dot / (key_norms.unsqueeze(-1) * memory_norms.unsqueeze(1))
+    return torch.softmax(similarity * strengths.unsqueeze(-1), dim=-1)
+
+
+def update_usage(usage: Tensor, write_weights: Tensor, read_weights: Tensor, free_gates: Tensor) -> Tensor:
+    """u_t = (u_{t-1} + w^w_{t-1} - u_{t-1} w^w_{t-1}) psi, psi = prod_i (1 - f_i w^r_{t-1,i}).
+
+    Args:
+        usage: [B, N] u_{t-1}.
+        write_weights: [B, N] w^w_{t-1}.
+        read_weights: [B, R, N] w^r_{t-1}.
+        free_gates: [B, R] f.
+
+    Returns:
+        [B, N] u_t.
+    """
+    retention = torch.prod(1 - free_gates.unsqueeze(-1) * read_weights, dim=1)  # psi: [B, N]
+    return (usage + write_weights - usage * write_weights) * retention
+
+
+def allocation_weighting(usage: Tensor) -> Tensor:
+    """a[phi_j] = (1 - u[phi_j]) prod_{i<j} u[phi_i], phi = cells sorted by ascending (stabilised) usage.
+
+    Args:
+        usage: [B, N] u_t in [0, 1]; ties are taken lower cell index first.
+
+    Returns:
+        [B, N] allocation weights, summing to at most 1.
+    """
+    usage = USAGE_EPSILON + (1 - USAGE_EPSILON) * usage
+    sorted_usage, order = torch.sort(usage, dim=-1, stable=True)  # [B, N] each
+    # exclusive cumulative product: prod_{i<j} u[phi_i], 1 for j = 0
+    exclusive_product = torch.cumprod(
+        torch.cat([torch.ones_like(sorted_usage[:, :1]), sorted_usage[:, :-1]], dim=-1), dim=-1)
+    sorted_allocation = (1 - sorted_usage) * exclusive_product  # [B, N] in sorted order
+    return torch.zeros_like(sorted_allocation).scatter(-1, order, sorted_allocation)  # back to cell order
+
+
+def write_weighting(allocation: Tensor, write_content: Tensor, allocation_gate: Tensor,
+                    write_gate: Tensor) -> Tensor:
+    """w^w = g^w (g^a a + (1 - g^a) c^w).
+
+    Args:
+        allocation: [B, N] a.
+        write_content: [B, N] c^w.
+        allocation_gate: [B] g^a.
+        write_gate: [B] g^w.
+
+    Returns:
+        [B, N] w^w.
+    """
+    allocation_gate = allocation_gate.unsqueeze(-1)  # [B] -> [B, 1]
+    return write_gate.unsqueeze(-1) * (allocation_gate * allocation + (1 - allocation_gate) * write_content)
+
+
+def write_memory(memory: Tensor, write_weights: Tensor, erase_vector: Tensor, write_vector: Tensor) -> Tensor:
+    """Erase then add: M_t = M_{t-1} (1 - w^w e^T) + w^w v^T.
+
+    Args:
+        memory: [B, N, W] M_{t-1}.
+        write_weights: [B, N] w^w.
+        erase_vector: [B, W] e.
+        write_vector: [B, W] v.
+
+    Returns:
+        [B, N, W] M_t.
+    """
+    # M (1 - w e^T) + w v^T rearranged as M + w (v^T - e^T * M): fewer [B, N, W] operations
+    additions = write_vector.unsqueeze(1) - erase_vector.unsqueeze(1) * memory  # [B, N, W]
+    return torch.addcmul(memory, write_weights.unsqueeze(-1), additions)
+
+
+def update_precedence(precedence: Tensor, write_weights: Tensor) -> Tensor:
+    """p_t = (1 - sum_i w^w_i) p_{t-1} + w^w.
+
+    Args:
+        precedence: [B, N] p_{t-1}.
+        write_weights: [B, N] w^w.
+
+    Returns:
+        [B, N] p_t.
+    """
+    return (1 - write_weights.sum(-1, keepdim=True)) * precedence + write_weights
+
+
+def read_weighting(backward: Tensor, content: Tensor, forward: Tensor, read_modes: Tensor) -> Tensor:
+    """w^r_i = pi_i[0] b_i + pi_i[1] c^r_i + pi_i[2] f_i.
+
+    Args:
+        backward: [B, R, N] b.
+        content: [B, R, N] c^r.
+        forward: [B, R, N] f.
+        read_modes: [B, R, 3] pi (backward, content, forward).
+
+    Returns:
+        [B, R, N] w^r.
+    """
+    backward_mode, content_mode, forward_mode = read_modes.unsqueeze(-1).unbind(2)  # 3 x [B, R, 1]
+    return backward_mode * backward + content_mode * content + forward_mode * forward
+
+
+def link_update_and_temporal_reads_ref(
+    link: Tensor, write_weights: Tensor, precedence: Tensor, read_weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The link matrix update and the temporal reads, written as the formulas (the specification).
+
+    Args:
+        link: [B, N, N] L_{t-1} (zero diagonal).
+        write_weights: [B, N] w^w_t.
+        precedence: [B, N] p_{t-1}.
+        read_weights: [B, R, N] w^r_{t-1}.
+
+    Returns:
+        link: [B, N, N] L_t[i, j] = (1 - w^w_i - w^w_j) L_{t-1}[i, j] + w^w_i p_{t-1}[j], zero diagonal.
+        forward: [B, R, N] f_i = L_t w^r_{t-1,i}.
+        backward: [B, R, N] b_i = L_t^T w^r_{t-1,i}.
+    """
+    scale = 1 - write_weights.unsqueeze(2) - write_weights.unsqueeze(1)  # [B, N, N]
+    new_link = scale * link + write_weights.unsqueeze(2) * precedence.unsqueeze(1)
+    off_diagonal = 1 - torch.eye(link.size(-1), dtype=link.dtype, device=link.device)  # [N, N]
+    new_link = new_link * off_diagonal
+    forward = torch.bmm(read_weights, new_link.transpose(1, 2))  # [B, R, N] x [B, N, N]^T -> [B, R, N]
+    backward = torch.bmm(read_weights, new_link)  # [B, R, N] x [B, N, N] -> [B, R, N]
+    return new_link, forward, backward
+
+
+def _row_blocks(link: Tensor) -> list[slice]:
+    """Blocks of rows of [B, N, N] to process at once: cache-sized on CPU, the whole matrix elsewhere."""
+    batch, cells = link.shape[0], link.shape[1]
+    if link.device.type == "cpu":
+        rows = max(1, LINK_BLOCK_BYTES // (batch * cells * link.element_size()))
+    else:
+        rows = cells
+    return [slice(start, min(start + rows, cells)) for start in range(0, cells, rows)]
+
+
+class LinkUpdateAndTemporalReads(torch.autograd.Function):
+    """`link_update_and_temporal_reads_ref` with a hand-written backward, one block of rows at a time.
+
+    Gradients, with G the gradient reaching L_t (from the later steps, plus dF^T w^r + (w^r)^T dB from
+    the reads, and zero on the diagonal, which is a constant):
+
+        dL_{t-1} = G (1 - w_i - w_j),   dp_j = sum_i G[i, j] w_i,
+        dw_m = sum_j G[m, j] (p_j - L_{t-1}[m, j]) - sum_i G[i, m] L_{t-1}[i, m],
+        dw^r_k = dF_k L_t + dB_k L_t^T.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, link: Tensor, write_weights: Tensor, precedence: Tensor,
+                read_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        new_link = torch.empty_like(link, memory_format=torch.contiguous_format)  # [B, N, N]
+        forward = torch.empty_like(read_weights, memory_format=torch.contiguous_format)  # [B, R, N]
+        backward = torch.zeros_like(forward)  # [B, R, N], accumulated over blocks
+        keep = 1 - write_weights  # [B, N]
+        columns_weights = write_weights.unsqueeze(1)  # [B, 1, N]
+        precedence_row = precedence.unsqueeze(1)  # [B, 1, N]
+        for rows in _row_blocks(link):
+            block = new_link[:, rows]  # [B, c, N] view
+            torch.mul(link[:, rows], keep[:, rows].unsqueeze(-1), out=block)  # (1 - w_i) L[i, j]
+            block.addcmul_(link[:, rows], columns_weights, value=-1)  # - w_j L[i, j]
+            block.addcmul_(write_weights[:, rows].unsqueeze(-1), precedence_row)  # + w_i p_j
+            block.diagonal(offset=rows.start, dim1=1, dim2=2).zero_()  # L[i, i] = 0
+            # forward[k, i] = sum_j L[i, j] r[k, j]: [B, c, N] x [B, N, R] -> [B, c, R] -> [B, R, c]
+            forward[:, :, rows] = torch.bmm(block, read_weights.transpose(1, 2)).transpose(1, 2)
+            # backward[k, j] += sum_{i in block} r[k, i] L[i, j]: [B, R, c] x [B, c, N] -> [B, R, N]
+            backward.baddbmm_(read_weights[:, :, rows], block)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(link, write_weights, precedence, read_weights, new_link)
+        return new_link, forward, backward
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_link: Tensor | None, grad_forward: Tensor | None,
+                 grad_backward: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        link, write_weights, precedence, read_weights, new_link = ctx.saved_tensors
+        if grad_forward is None:
+            grad_forward = torch.zeros_like(read_weights)
+        if grad_backward is None:
+            grad_backward = torch.zeros_like(read_weights)
+        # Both reads' contributions to G in one product: dF^T r + r^T dB = [dF; r]^T [r; dB].
+        left = torch.cat([grad_forward, read_weights], dim=1).transpose(1, 2).contiguous()  # [B, N, 2R]
+        right = torch.cat([read_weights, grad_backward], dim=1)  # [B, 2R, N]
+        grad_previous_link = torch.empty_like(link, memory_format=torch.contiguous_format)  # [B, N, N]
+        grad_write = torch.zeros_like(write_weights)  # [B, N]
+        grad_precedence = torch.zeros_like(precedence).unsqueeze(1)  # [B, 1, N]
+        grad_read = torch.zeros_like(read_weights)  # [B, R, N]
+        keep = 1 - write_weights  # [B, N]
+        columns_weights = write_weights.unsqueeze(1)  # [B, 1, N]
+        precedence_row = precedence.unsqueeze(1)  # [B, 1, N]
+        # Products with one vector are written vector-first ([B, 1, c] x [B, c, N]) or with the block first and
+        # the vectors transposed: both take the fast paths of CPU BLAS, unlike [B, c, N] x [B, N, 1].
+        for rows in _row_blocks(link):
+            if grad_link is None:
+                gradient = torch.bmm(left[:, rows], right)  # G block: [B, c, 2R] x [B, 2R, N] -> [B, c, N]
+            else:
+                gradient = torch.baddbmm(grad_link[:, rows], left[:, rows], right)
+            gradient.diagonal(offset=rows.start, dim1=1, dim2=2).zero_()
+            new_block = new_link[:, rows]  # [B, c, N]
+            grad_read.baddbmm_(grad_forward[:, :, rows], new_block)  # dF_k L_t: [B, R, c] x [B, c, N]
+            # dB_k L_t^T: [B, c, N] x [B, N, R] -> [B, c, R] -> [B, R, c]
+            grad_read[:, :, rows] += torch.bmm(new_block, grad_backward.transpose(1, 2)).transpose(1, 2)
+            grad_precedence.baddbmm_(write_weights[:, rows].unsqueeze(1), gradient)  # [B, 1, c] x [B, c, N]
+            weighted = gradient * link[:, rows]  # G[i, j] L_{t-1}[i, j]: [B, c, N]
+            grad_write -= weighted.sum(1)  # column part
+            # row part: sum_j G[i, j] p_j, [B, 1, N] x [B, N, c] -> [B, 1, c], minus sum_j G[i, j] L[i, j]
+            grad_write[:, rows] += torch.bmm(precedence_row, gradient.transpose(1, 2)).squeeze(1) - weighted.sum(-1)
+            block = grad_previous_link[:, rows]
+            torch.mul(gradient, keep[:, rows].unsqueeze(-1), out=block)
+            block.addcmul_(gradient, columns_weights, value=-1)
+        return grad_previous_link, grad_write, grad_precedence.squeeze(1), grad_read
+
+
+def link_update_and_temporal_reads(
+    link: Tensor, write_weights: Tensor, precedence: Tensor, read_weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The same as `link_update_and_temporal_reads_ref`, fast (see the module docstring); any device."""
+    return LinkUpdateAndTemporalReads.apply(link, write_weights, precedence, read_weights)
+
+
+@dataclasses.dataclass
+class DenseMemoryContext:
+    """The state between `begin` and `end`: fresh tensors replace the entries at every step."""
+
+    state: dict[str, Tensor]
+
+
+class DenseMemory(nn.Module):
+    """The DNC memory: N cells of width W, R read heads, one write head (see the module docstring).
+
+    Args:
+        input_size: X, the width of the controller output xi the interface is read from.
+        nr_cells: N, memory cells.
+        cell_size: W, the width of a cell.
+        read_heads: R.
+        independent_linears: one Linear per interface part (True) or one Linear split into the parts.
+
+    Raises:
+        ValueError: if a size is not a positive integer.
+    """
+
+    def __init__(self, input_size: int, nr_cells: int, cell_size: int, read_heads: int,
+                 independent_linears: bool = False):
+        super().__init__()
+        for name, value in (("input_size", input_size), ("nr_cells", nr_cells), ("cell_size", cell_size),
+                            ("read_heads", read_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DenseMemory: {name} must be a positive integer, got {value!r}")
+        self.input_size = input_size
+        self.nr_cells = nr_cells
+        self.cell_size = cell_size
+        self.read_heads = read_heads
+        self.independent_linears = bool(independent_linears)
+        self.read_size = read_heads * cell_size
+        self.interface_sizes = {  # the interface parts, in the order of the split Linear's outputs
+            "read_keys": read_heads * cell_size, "read_strengths": read_heads,
+            "write_key": cell_size, "write_strength": 1, "erase_vector": cell_size, "write_vector": cell_size,
+            "free_gates": read_heads, "allocation_gate": 1, "write_gate": 1, "read_modes": READ_MODES * read_heads,
+        }
+        self.interface_size = sum(self.interface_sizes.values())  # W R + 3 W + 5 R + 3, as in the paper
+        if self.independent_linears:
+            self.interface_layers = nn.ModuleDict(
+                {name: nn.Linear(input_size, size) for name, size in self.interface_sizes.items()})
+        else:
+            self.interface_layer = nn.Linear(input_size, self.interface_size)
+
+    def extra_repr(self) -> str:
+        return (f"input_size={self.input_size}, nr_cells={self.nr_cells}, cell_size={self.cell_size}, "
+                f"read_heads={self.read_heads}, independent_linears={self.independent_linears}")
+
+    def interface(self, xi: Tensor) -> Interface:
+        """xi [B, X] -> the interface parts, activated (shapes in `Interface`)."""
+        if self.independent_linears:
+            parts = {name: layer(xi) for name, layer in self.interface_layers.items()}
+        else:
+            parts = dict(zip(self.interface_sizes, torch.split(self.interface_layer(xi),
+                                                               list(self.interface_sizes.values()), dim=-1)))
+        batch = xi.size(0)
+        return Interface(
+            read_keys=parts["read_keys"].view(batch, self.read_heads, self.cell_size),  # [B, R W] -> [B, R, W]
+            read_strengths=oneplus(parts["read_strengths"]),
+            write_key=parts["write_key"],
+            write_strength=oneplus(parts["write_strength"]).squeeze(-1),
+            erase_vector=torch.sigmoid(parts["erase_vector"]),
+            write_vector=parts["write_vector"],
+            free_gates=torch.sigmoid(parts["free_gates"]),
+            allocation_gate=torch.sigmoid(parts["allocation_gate"]).squeeze(-1),
+            write_gate=torch.sigmoid(parts["write_gate"]).squeeze(-1),
+            # [B, 3 R] -> [B, R, 3], softmax over the modes of each head
+            read_modes=torch.softmax(parts["read_modes"].view(batch, self.read_heads, READ_MODES), dim=-1),
+        )
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None,
+                      dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """An empty memory: every tensor zero, batch first, keys in `STATE_KEYS` order (shapes below)."""
+        cells, width, heads = self.nr_cells, self.cell_size, self.read_heads
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(batch_size, *shape, device=device, dtype=dtype)
+
+        return {
+            "memory": zeros(cells, width),  # [B, N, W]
+            "link_matrix": zeros(cells, cells),  # [B, N, N]
+            "precedence": zeros(cells),  # [B, N]
+            "read_weights": zeros(heads, cells),  # [B, R, N]
+            "write_weights": zeros(cells),  # [B, N]
+            "usage_vector": zeros(cells),  # [B, N]
+        }
+
+    def begin(self, state: dict[str, Tensor]) -> DenseMemoryContext:
+        """Start a run of steps from `state` (as made by `initial_state` or `end`); the tensors are not modified.
+
+        Raises:
+            ValueError: if a state tensor is missing or the memory does not have this module's [N, W].
+        """
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"DenseMemory state lacks {missing}; start from memory.initial_state(batch_size)")
+        memory = state["memory"]
+        if memory.dim() != 3 or memory.shape[1:] != (self.nr_cells, self.cell_size):
+            raise ValueError(f"DenseMemory state memory must be [B, {self.nr_cells}, {self.cell_size}] "
+                             f"(nr_cells, cell_size), got {tuple(memory.shape)}; was it made by another memory?")
+        return DenseMemoryContext(state={key: state[key] for key in STATE_KEYS})
+
+    def step(self, ctx: DenseMemoryContext, xi: Tensor, mask: Tensor | None = None) -> Tensor:
+        """One write and read: xi [B, X] -> read vectors [B, R * W] (head-major).
+
+        Args:
+            ctx: from `begin`; its state is replaced by the new one.
+            xi: [B, X] controller output.
+            mask: [B] bool or None; False rows are padding and leave their state unchanged.
+
+        Raises:
+            ValueError: if xi or mask has the wrong shape.
+        """
+        state = ctx.state
+        batch = state["memory"].size(0)
+        if xi.dim() != 2 or xi.shape != (batch, self.input_size):
+            raise ValueError(f"DenseMemory.step: xi must be [B, input_size] = [{batch}, {self.input_size}], "
+                             f"got {tuple(xi.shape)}")
+        if mask is not None and (mask.shape != (batch,) or mask.dtype != torch.bool):
+            raise ValueError(f"DenseMemory.step: mask must be a bool tensor of shape [{batch}], "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        interface = self.interface(xi)
+        memory = state["memory"]
+        usage = update_usage(state["usage_vector"], state["write_weights"], state["read_weights"],
+                             interface.free_gates)
+        write_content = content_weighting(interface.write_key.unsqueeze(1), interface.write_strength.unsqueeze(1),
+                                          memory).squeeze(1)  # [B, 1, N] -> [B, N]
+        write_weights = write_weighting(allocation_weighting(usage), write_content, interface.allocation_gate,
+                                        interface.write_gate)
+        # Padding rows write nothing: memory, links and precedence then stay exactly as they were.
+        applied_write = write_weights if mask is None else write_weights * mask.unsqueeze(-1).to(write_weights.dtype)
+        memory = write_memory(memory, applied_write, interface.erase_vector, interface.write_vector)
+        link, forward_weights, backward_weights = link_update_and_temporal_reads(
+            state["link_matrix"], applied_write, state["precedence"], state["read_weights"])
+        precedence = update_precedence(state["precedence"], applied_write)
+        read_content = content_weighting(interface.read_keys, interface.read_strengths, memory)  # [B, R, N]
+        read_weights = read_weighting(backward_weights, read_content, forward_weights, interface.read_modes)
+        reads = torch.bmm(read_weights, memory)  # [B, R, N] x [B, N, W] -> [B, R, W]
+        if mask is not None:
+            keep_rows = mask.view(batch, 1)  # [B] -> [B, 1]
+            usage = torch.where(keep_rows, usage, state["usage_vector"])
+            write_weights = torch.where(keep_rows, write_weights, state["write_weights"])
+            read_weights = torch.where(keep_rows.unsqueeze(-1), read_weights, state["read_weights"])
+        ctx.state = {"memory": memory, "link_matrix": link, "precedence": precedence,
+                     "read_weights": read_weights, "write_weights": write_weights, "usage_vector": usage}
+        return reads.reshape(batch, self.read_size)  # [B, R, W] -> [B, R W]
+
+    def end(self, ctx: DenseMemoryContext) -> dict[str, Tensor]:
+        """The state after the steps (a new dict; keys and shapes as `initial_state`)."""
+        return dict(ctx.state)
+
+    def debug_view(self, ctx: DenseMemoryContext) -> dict[str, Tensor]:
+        """Batch element 0 of the state after the latest step, detached: the DNC's debug keys."""
+        return {key: tensor[0].detach() for key, tensor in ctx.state.items()}

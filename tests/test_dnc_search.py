@@ -1,0 +1,183 @@
+"""Nearest-neighbour search for the sparse memories: exact search against brute force, the incremental
+index against a fresh search after writes, and FAISS against the exact search."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.dnc import search
+from models.dnc.search import ExactIndex, cosine_similarity, cosine_topk, first_occurrence, make_index
+
+
+def brute_force_topk(queries, memory, k):
+    """Cosine top-k by Python loops over rows: (similarities, indices) lists per batch and query."""
+    result = []
+    for batch in range(memory.size(0)):
+        per_query = []
+        for query in queries[batch]:
+            scored = []
+            for row in range(memory.size(1)):
+                value = memory[batch, row]
+                cosine = float(query @ value) / (max(float(query.norm()), 1e-6) * max(float(value.norm()), 1e-6))
+                scored.append((cosine, row))
+            scored.sort(key=lambda pair: -pair[0])
+            per_query.append(scored[:k])
+        result.append(per_query)
+    return result
+
+
+@pytest.mark.parametrize("cells,k", [(1, 1), (1, 4), (3, 5), (17, 4)])
+def test_cosine_topk_is_brute_force(cells, k):
+    generator = torch.Generator().manual_seed(cells)
+    queries = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64)
+    memory = torch.randn(2, cells, 5, generator=generator, dtype=torch.float64)
+    similarities, indices = cosine_topk(queries, memory, k)
+    assert indices.shape == (2, 3, min(k, cells))  # K is clamped to N
+    expected = brute_force_topk(queries, memory, k)
+    for batch in range(2):
+        for query in range(3):
+            assert indices[batch, query].tolist() == [row for _, row in expected[batch][query]]
+            torch.testing.assert_close(similarities[batch, query],
+                                       torch.tensor([value for value, _ in expected[batch][query]],
+                                                    dtype=torch.float64))
+
+
+def test_cosine_similarity_formula_and_zero_rows():
+    queries = torch.tensor([[3.0, 4.0]])
+    rows = torch.tensor([[[6.0, 8.0], [0.0, 0.0], [-4.0, 3.0]]])
+    torch.testing.assert_close(cosine_similarity(queries, rows), torch.tensor([[1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(cosine_similarity(queries, rows[:, 2:]),
+                               F.cosine_similarity(queries, rows[0, 2:]).view(1, 1))
+
+
+def test_first_occurrence():
+    positions = torch.tensor([[4, 2, 4, 7, 2, 4]])
+    assert first_occurrence(positions).tolist() == [[0, 1, 0, 3, 1, 0]]
+
+
+def _random_writes(generator, batch, cells, width, count):
+    rows = torch.randint(0, cells, (batch, count), generator=generator)
+    rows[:, -1] = rows[:, 0]  # a repeated row, with the same value
+    values = torch.randn(batch, count, width, generator=generator)
+    values[:, -1] = values[:, 0]
+    values[:, 1] = 0  # writes can make a row zero again
+    return rows, values
+
+
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.6, 0.95, 1.0])
+def test_exact_index_follows_writes(zero_fraction):
+    """After each batch of writes the index returns the exact top-K of the current memory; a memory
+    that is mostly zero takes the sparse path (zero rows stand in as the lowest-numbered ones)."""
+    generator = torch.Generator().manual_seed(int(zero_fraction * 100))
+    batch, cells, width, k = 3, 23, 4, 4
+    memory = torch.randn(batch, cells, width, generator=generator)
+    memory[torch.rand(batch, cells, generator=generator) < zero_fraction] = 0
+    index = ExactIndex(memory)
+    assert index.dense == bool((memory.norm(dim=-1) > 0).sum(1).max() > search.SPARSE_FRACTION * cells)
+    current = memory.clone()
+    written = [set() for _ in range(batch)]
+    for _ in range(5):
+        queries = torch.randn(batch, 2, width, generator=generator)
+        found = index.search(queries, k)
+        expected_scores, expected_rows = cosine_topk(queries, current, k)
+        rows_found = current.gather(1, found.view(batch, -1, 1).expand(-1, -1, width)).view(batch, 2, k, width)
+        torch.testing.assert_close(cosine_similarity(queries, rows_found), expected_scores)
+        for rows in found.view(-1, k):
+            assert len(set(rows.tolist())) == k  # distinct rows
+        nonzero_best = expected_scores > 0
+        assert torch.equal(found[nonzero_best], expected_rows[nonzero_best])  # no ties there
+        if not index.dense:  # zero rows found: the lowest-numbered never written, or written with zeros
+            for element in range(batch):
+                zero_rows = (current[element].norm(dim=-1) == 0).nonzero().squeeze(1).tolist()
+                picked = {row for row in found[element].flatten().tolist() if row in zero_rows}
+                untouched = [row for row in zero_rows if row not in written[element]]
+                assert picked <= set(untouched[:k]) | written[element]
+        rows, values = _random_writes(generator, batch, cells, width, 5)
+        for element in range(batch):
+            written[element].update(rows[element].tolist())
+        current.scatter_(1, rows.unsqueeze(-1).expand(-1, -1, width), values)
+        index.update(rows, values)
+
+
+@pytest.mark.parametrize("nonzero_rows", [2, 20])
+def test_exact_index_ties_go_to_lower_rows_whatever_the_history(nonzero_rows):
+    """Equal scores (zero rows, repeated rows) are resolved by row number, so an index that saw the
+    writes finds the same rows as one built on the memory after them (sparse and dense paths)."""
+    generator = torch.Generator().manual_seed(nonzero_rows)
+    batch, cells, width, k = 2, 24, 3, 6
+    memory = torch.zeros(batch, cells, width)
+    memory[:, :nonzero_rows] = torch.randn(batch, nonzero_rows, width, generator=generator)
+    memory[:, 1] = memory[:, 0]  # a tie between two non-zero rows
+    index = ExactIndex(memory)
+    rows = torch.tensor([[5, 9, 0], [3, 4, 23]])
+    values = torch.zeros(batch, 3, width)
+    values[:, 2] = torch.randn(batch, width, generator=generator)
+    index.update(rows, values)
+    current = memory.scatter(1, rows.unsqueeze(-1).expand(-1, -1, width), values)
+    queries = torch.randn(batch, 4, width, generator=generator)
+    found = index.search(queries, k)
+    assert torch.equal(found, ExactIndex(current).search(queries, k))
+    for element in range(batch):
+        for query in range(4):
+            by_score_then_row = sorted(range(cells), key=lambda row: (-float(
+                cosine_similarity(queries[element, query], current[element, row].view(1, -1))), row))
+            assert found[element, query].tolist() == by_score_then_row[:k]
+
+
+def test_exact_index_with_few_rows_and_broadcast_memory():
+    memory = torch.zeros(1, 1, 1).expand(2, 3, 4)  # a fresh state's broadcast view
+    index = ExactIndex(memory)
+    assert not index.dense
+    assert index.search(torch.randn(2, 1, 4), 5).tolist() == [[[0, 1, 2]], [[0, 1, 2]]]  # K clamped to N
+    index.update(torch.tensor([[1], [2]]), torch.ones(2, 1, 4))
+    best = index.search(torch.ones(2, 1, 4), 1)
+    assert best.tolist() == [[[1]], [[2]]]
+
+
+def test_make_index_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="exact, faiss"):
+        make_index("annoy", torch.zeros(1, 2, 3))
+
+
+def test_missing_faiss_says_how_to_install(monkeypatch):
+    real_import = importlib.import_module
+
+    def no_faiss(name, *args):
+        if name == "faiss":
+            raise ImportError("No module named 'faiss'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(search.importlib, "import_module", no_faiss)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        make_index("faiss", torch.zeros(1, 2, 3))
+
+
+@pytest.mark.parametrize("lists", [None, 4])
+def test_faiss_exhaustive_equals_exact(lists):
+    """IndexFlatIP (and an IVF index probing all its lists) returns exactly the exact top-K, also after
+    rows are written; FAISS runs on the threads asked for."""
+    faiss = pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(3)
+    batch, cells, width, k = 2, 200, 8, 5
+    memory = torch.randn(batch, cells, width, generator=generator)
+    index = make_index("faiss", memory, lists=lists, probes=lists or 1, threads=1)
+    assert faiss.omp_get_max_threads() == 1
+    current = memory.clone()
+    for _ in range(3):
+        queries = torch.randn(batch, 3, width, generator=generator)
+        assert torch.equal(index.search(queries, k), cosine_topk(queries, current, k)[1])
+        rows, values = _random_writes(generator, batch, cells, width, 6)
+        current.scatter_(1, rows.unsqueeze(-1).expand(-1, -1, width), values)
+        index.update(rows, values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_exact_index_on_gpu_matches_cpu():
+    generator = torch.Generator().manual_seed(5)
+    memory = torch.randn(2, 50, 8, generator=generator)
+    queries = torch.randn(2, 3, 8, generator=generator)
+    found = ExactIndex(memory.cuda()).search(queries.cuda(), 4)
+    assert found.device.type == "cuda"
+    assert torch.equal(found.cpu(), ExactIndex(memory).search(queries, 4))

@@ -1,0 +1,464 @@
+"""SAM and SDNC memories: each step against a plain dense re-derivation, LRU and write semantics on
+hand-built cases, the sparse links, gradients (gradcheck in float64), masks, state handling, sizes."""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from models.dnc.search import cosine_topk
+from models.dnc.sparse_memory import SparseInterface, SparseMemory
+from models.dnc.sparse_temporal_memory import SparseTemporalMemory
+
+SAM_KEYS = {"memory", "visible_memory", "read_positions", "read_weights", "write_weights", "usage"}
+SDNC_KEYS = SAM_KEYS | {"link_matrix", "rev_link_matrix", "precedence"}
+
+
+# --------------------------------------------------------------------------------------------------
+# A dense re-derivation of one step, from the equations in the modules' docstrings.
+
+
+def dense_view(memory, ctx):
+    """The context's state as dense tensors: memory, usage, step, read weights [B, R, N], and for the
+    SDNC the link matrix from the row lists and from the column lists, and the precedence."""
+    batch, cells = ctx.usage.shape
+    view = {
+        "memory": torch.stack([ctx.memory.dense(element) for element in range(batch)]),
+        "usage": ctx.usage.clone(), "step": ctx.step.clone(),
+        "read_weights": torch.zeros(batch, memory.read_heads, cells, dtype=ctx.read_weights.dtype).scatter_add(
+            2, ctx.read_positions, ctx.read_weights.detach()),
+    }
+    if isinstance(memory, SparseTemporalMemory):
+        def matrix(index_store, value_store, transpose):
+            dense = torch.zeros(batch, cells, cells, dtype=ctx.read_weights.dtype)
+            for element in range(batch):
+                index, value = index_store.dense(element).long(), value_store.dense(element)
+                dense[element].scatter_add_(1, index, value)
+            return dense.transpose(1, 2) if transpose else dense
+
+        view["links"] = matrix(ctx.link_index, ctx.link_value, False)
+        view["rev_links"] = matrix(ctx.rev_link_index, ctx.rev_link_value, True)
+        view["precedence"] = torch.zeros(batch, cells, dtype=ctx.precedence.dtype).scatter_add(
+            1, ctx.precedence_index, ctx.precedence.detach())
+    return view
+
+
+def keep_largest(values, count, dim):
+    """values with all but the `count` largest along `dim` set to zero."""
+    top = values.topk(min(count, values.size(dim)), dim=dim).indices
+    return torch.zeros_like(values).scatter(dim, top, values.gather(dim, top))
+
+
+def reference_step(memory, state, interface, mask=None):
+    """One SAM / SDNC step on dense tensors. Returns (reads [B, R, W], new dense state)."""
+    cells, found = state["memory"].size(1), memory.sparse_reads
+    least_used = state["usage"].argmin(1)
+    one_hot = F.one_hot(least_used, cells).to(state["memory"].dtype)  # [B, N]
+    alpha, gamma = interface.write_gate, interface.interpolation_gate  # [B, 1]
+    write = alpha * (gamma * state["read_weights"].mean(1) + (1 - gamma) * one_hot)  # [B, N]
+    erase = alpha * (1 - gamma) * one_hot
+    new_memory = (state["memory"] * (1 - erase).unsqueeze(-1)
+                  + write.unsqueeze(-1) * interface.write_vector.unsqueeze(1))
+    similarity = (torch.einsum("brw,bnw->brn", interface.read_queries, new_memory)
+                  / interface.read_queries.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+                  / new_memory.norm(dim=-1).clamp_min(1e-6).unsqueeze(1))  # [B, R, N]
+    top = similarity.topk(found, dim=-1).indices
+    content = torch.zeros_like(similarity).scatter(
+        -1, top, torch.softmax(interface.read_strengths.unsqueeze(-1) * similarity.gather(-1, top), dim=-1))
+    new_state = {"memory": new_memory}
+    if isinstance(memory, SparseTemporalMemory):
+        links_kept = memory.temporal_reads
+        links = state["links"]
+        links = ((1 - write.unsqueeze(2) - write.unsqueeze(1)) * links
+                 + write.unsqueeze(2) * state["precedence"].unsqueeze(1))
+        links = links * (1 - torch.eye(cells, dtype=links.dtype))
+        survivors = (links > 0) & (keep_largest(links, links_kept, 2) > 0) & (keep_largest(links, links_kept, 1) > 0)
+        links = links * survivors
+        precedence = keep_largest((1 - write.sum(1, keepdim=True)) * state["precedence"] + write, links_kept, 1)
+        forward = keep_largest(torch.einsum("bij,bhj->bhi", links, state["read_weights"]), links_kept, 2)
+        backward = keep_largest(torch.einsum("bij,bhi->bhj", links, state["read_weights"]), links_kept, 2)
+        modes = interface.read_modes  # [B, R, 3]: backward, content, forward
+        read_weights = modes[..., :1] * backward + modes[..., 1:2] * content + modes[..., 2:] * forward
+        new_state.update(links=links, rev_links=links, precedence=precedence)
+    else:
+        read_weights = content
+    reads = torch.bmm(read_weights, new_memory)  # [B, R, N] x [B, N, W]
+    accessed = (write > memory.access_threshold) | (read_weights > memory.access_threshold).any(1)
+    new_state["usage"] = torch.where(accessed, (state["step"] + 1).unsqueeze(1), state["usage"])
+    new_state["step"] = state["step"] + 1
+    new_state["read_weights"] = read_weights
+    if mask is not None:
+        for key, value in new_state.items():
+            keep = mask.view(-1, *[1] * (value.dim() - 1))
+            new_state[key] = torch.where(keep, value, state[key])
+    return reads, new_state
+
+
+def random_state(memory, batch, generator, dtype=torch.float32, warmup=2):
+    """A state with a random memory (all rows non-zero: no ties in the searches) after a few steps."""
+    state = memory.initial_state(batch, dtype=dtype)
+    state["memory"] = torch.randn(batch, memory.nr_cells, memory.cell_size, generator=generator, dtype=dtype)
+    with torch.no_grad():
+        context = memory.begin(state)
+        for _ in range(warmup):
+            memory.step(context, torch.randn(batch, memory.input_size, generator=generator, dtype=dtype))
+        return memory.end(context)
+
+
+def make(kind, cells=9, width=4, heads=2, sparse=3, links=2, inputs=6, seed=0, **options):
+    torch.manual_seed(seed)
+    if kind == "SAM":
+        return SparseMemory(inputs, cells, width, heads, sparse_reads=sparse, **options)
+    return SparseTemporalMemory(inputs, cells, width, heads, sparse_reads=sparse, temporal_reads=links, **options)
+
+
+# --------------------------------------------------------------------------------------------------
+# Values against the re-derivation.
+
+
+@pytest.mark.parametrize("kind,cells,links", [("SAM", 9, 2), ("SDNC", 9, 2), ("SDNC", 7, 7)])
+def test_steps_match_dense_reference(kind, cells, links):
+    """Reads, memory, usage (LRU), read weights (the exact top-K and, for the SDNC, forward/backward
+    reads) and the SDNC's links (both lists) and precedence equal the dense re-derivation; the rows
+    found are the exact search's. links == cells: no cut, the plain DNC link update."""
+    generator = torch.Generator().manual_seed(cells + links)
+    memory = make(kind, cells=cells, links=links)
+    state = random_state(memory, 3, generator)
+    context = memory.begin(state)
+    expected = dense_view(memory, context)
+    for step in range(6):
+        xi = torch.randn(3, memory.input_size, generator=generator)
+        mask = torch.tensor([True, step != 2, True])
+        with torch.no_grad():
+            interface = memory.interface(xi)
+            reads = memory.step(context, xi, mask).view(3, memory.read_heads, memory.cell_size)
+        expected_reads, expected = reference_step(memory, expected, interface, mask)
+        got = dense_view(memory, context)
+        torch.testing.assert_close(reads[mask], expected_reads[mask], atol=1e-5, rtol=1e-4)
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-4, msg=f"step {step}: {key}")
+        content = context.read_positions[:, :, :memory.sparse_reads]
+        exact = cosine_topk(interface.read_queries, got["memory"], memory.sparse_reads)[1]
+        assert torch.equal(content[mask], exact[mask])
+        if kind == "SDNC":
+            assert (got["links"] > 0).any()
+            assert ((got["links"] > 0).sum(2) <= links).all() and ((got["links"] > 0).sum(1) <= links).all()
+
+
+def test_links_are_kept_across_calls():
+    """The links of one call are where the next call starts (the published library zeroed them)."""
+    generator = torch.Generator().manual_seed(0)
+    memory = make("SDNC")
+    state = random_state(memory, 2, generator, warmup=4)
+    assert (state["link_value"] > 0).any()
+    context = memory.begin(state)
+    torch.testing.assert_close(dense_view(memory, context)["links"],
+                               torch.zeros(2, 9, 9).scatter_add(2, state["link_index"].long(), state["link_value"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-built cases: LRU order and the interpolation gate.
+
+
+def scripted(memory, interfaces):
+    """Make `memory.interface` return the given interfaces in order (xi is then ignored)."""
+    queue = list(interfaces)
+    memory.interface = lambda xi: queue.pop(0)
+
+
+def interface_for(query, write_vector, interpolation, write_gate=1.0, strength=50.0):
+    batch = query.size(0)
+    return SparseInterface(read_queries=query.view(batch, 1, -1), read_strengths=torch.full((batch, 1), strength),
+                           write_vector=write_vector, interpolation_gate=torch.full((batch, 1), interpolation),
+                           write_gate=torch.full((batch, 1), write_gate), read_modes=None)
+
+
+def test_lru_order_on_hand_built_accesses():
+    """N = 4, one head reading one row. Writes go to the LRU row (gamma = 0) and the head reads back
+    what was written, so rows are used 0, 1, 2, 3. At step 5 row 0 is written and row 1 read, so the
+    next rows written are 2 and 3; then rows 0 and 1, both last accessed at step 5, tie and the lower
+    goes first: 0, then 1."""
+    memory = SparseMemory(3, 4, 4, 1, sparse_reads=1)
+    basis = torch.eye(4)
+    steps = []  # (query, write vector)
+    for row in range(4):  # steps 1-4 fill rows 0..3 with e_0..e_3 and read them back
+        steps.append((basis[row], basis[row]))
+    steps.append((basis[1], 0.5 * basis[0]))  # step 5: write to LRU row 0, read row 1 (e_1)
+    # steps 6-9: rewrite the LRU row with its content (row 0: a quarter of it) and read it back
+    steps += [(basis[2], basis[2]), (basis[3], basis[3]), (basis[0], 0.25 * basis[0]), (basis[1], basis[1])]
+    scripted(memory, [interface_for(query.view(1, 4), vector.view(1, 4), 0.0) for query, vector in steps])
+    context = memory.begin(memory.initial_state(1))
+    written, usages = [], []
+    for _ in steps:
+        memory.step(context, torch.zeros(1, 3))
+        written.append(int(context.least_used[0]))
+        usages.append(context.usage[0].tolist())
+    assert written == [0, 1, 2, 3, 0, 2, 3, 0, 1]
+    assert usages[3] == [1, 2, 3, 4]
+    assert usages[4] == [5, 5, 3, 4]  # row 0 written, row 1 read at step 5
+    assert usages[8] == [8, 9, 6, 7]
+    torch.testing.assert_close(context.memory.dense(0)[0], 0.25 * basis[0])  # the LRU row is erased, then written
+
+
+@pytest.mark.parametrize("interpolation", [0.0, 1.0])
+def test_write_goes_to_lru_or_previous_reads(interpolation):
+    """gamma = 0 writes alpha a into the LRU row only (after erasing alpha of it); gamma = 1 adds
+    alpha w^R_{t-1} a to the rows read at the previous step only."""
+    generator = torch.Generator().manual_seed(1)
+    memory = make("SAM", cells=8, heads=2, sparse=2)
+    state = random_state(memory, 2, generator)
+    context = memory.begin(state)
+    before = dense_view(memory, context)
+    write_vector = torch.randn(2, memory.cell_size, generator=generator)
+    queries = torch.randn(2, 2, memory.cell_size, generator=generator)
+    scripted(memory, [SparseInterface(queries, torch.ones(2, 2), write_vector, torch.full((2, 1), interpolation),
+                                      torch.full((2, 1), 0.7), None)])
+    memory.step(context, torch.zeros(2, memory.input_size))
+    after = dense_view(memory, context)["memory"]
+    least_used = state["usage"].argmin(1)
+    for element in range(2):
+        if interpolation == 0.0:
+            expected = before["memory"][element].clone()
+            expected[least_used[element]] = 0.3 * expected[least_used[element]] + 0.7 * write_vector[element]
+        else:
+            share = 0.7 * before["read_weights"][element].mean(0)  # [N], non-zero on the previous reads
+            assert 0 < int((share > 0).sum()) <= 4
+            expected = before["memory"][element] + share.unsqueeze(-1) * write_vector[element]
+        torch.testing.assert_close(after[element], expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradients.
+
+
+def _run(memory, state, xs):
+    context = memory.begin(state)
+    reads = torch.stack([memory.step(context, x) for x in xs])
+    return reads, memory.end(context)
+
+
+def test_sam_gradcheck():
+    generator = torch.Generator().manual_seed(2)
+    memory = make("SAM", cells=6, width=3, heads=2, sparse=2, inputs=4).double()
+    state = random_state(memory, 2, generator, dtype=torch.float64)
+    xs = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def function(xs, start_memory, read_weights):
+        reads, end = _run(memory, {**state, "memory": start_memory, "read_weights": read_weights}, xs)
+        return reads, end["memory"], end["read_weights"]
+
+    inputs = (xs, state["memory"].clone().requires_grad_(), state["read_weights"].clone().requires_grad_())
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+    reads = function(*inputs)[0]
+    assert torch.autograd.grad(reads.square().sum(), memory.interface_layer.weight)[0].abs().sum() > 0
+
+
+def test_sdnc_gradcheck():
+    """Through begin/step/end, with respect to the inputs, the memory, the links (one value per link,
+    feeding both lists) and the precedence."""
+    generator = torch.Generator().manual_seed(4)
+    memory = make("SDNC", cells=6, width=3, heads=2, sparse=2, links=2, inputs=4).double()
+    state = random_state(memory, 2, generator, dtype=torch.float64, warmup=4)
+    present = state["link_value"] > 0
+    rev_present = state["rev_link_value"] > 0
+    rows, batch_keys = torch.arange(6).view(1, 6, 1), torch.arange(2).view(2, 1, 1) * 36
+    keys = batch_keys + rows * 6 + state["link_index"].long()  # (b, i, j) of the row lists' entries
+    rev_keys = batch_keys + state["rev_link_index"].long() * 6 + rows  # and of the column lists'
+    forward_keys, reverse_keys = keys[present].tolist(), rev_keys[rev_present].tolist()
+    assert sorted(forward_keys) == sorted(reverse_keys) and forward_keys  # both lists hold the same links
+    reverse_order = torch.tensor([forward_keys.index(key) for key in reverse_keys])
+    assert (state["precedence"] > 0).all()  # no kinks at zero
+    xs = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def function(xs, start_memory, links, precedence):
+        start = dict(state, memory=start_memory, precedence=precedence,
+                     link_value=torch.zeros_like(state["link_value"]).masked_scatter(present, links),
+                     rev_link_value=torch.zeros_like(state["rev_link_value"]).masked_scatter(
+                         rev_present, links[reverse_order]))
+        reads, end = _run(memory, start, xs)
+        return reads, end["memory"], end["link_value"], end["rev_link_value"], end["precedence"]
+
+    inputs = (xs, state["memory"].clone().requires_grad_(), state["link_value"][present].clone().requires_grad_(),
+              state["precedence"].clone().requires_grad_())
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("kind", ["SAM", "SDNC"])
+def test_gradients_across_calls_and_checkpointing(kind):
+    """Two calls in one graph, and the same under torch.utils.checkpoint, give the same gradients."""
+    generator = torch.Generator().manual_seed(6)
+    memory = make(kind)
+    state = random_state(memory, 2, generator)
+    xs = torch.randn(6, 2, memory.input_size, generator=generator)
+
+    def two_calls(checkpointed):
+        memory.zero_grad()
+        start = dict(state, memory=state["memory"].clone().requires_grad_())
+
+        def call(current, chunk):
+            reads, end = _run(memory, current, chunk)
+            return reads, end
+
+        if checkpointed:
+            reads_1, middle = torch.utils.checkpoint.checkpoint(call, start, xs[:3], use_reentrant=False)
+        else:
+            reads_1, middle = call(start, xs[:3])
+        reads_2, end = call(middle, xs[3:])
+        loss = reads_1.square().sum() + reads_2.sin().sum() + end["memory"].square().sum()
+        loss.backward()
+        return [parameter.grad.clone() for parameter in memory.parameters()] + [start["memory"].grad.clone()]
+
+    for plain, checkpointed in zip(two_calls(False), two_calls(True)):
+        torch.testing.assert_close(plain, checkpointed)
+
+
+@pytest.mark.parametrize("kind", ["SAM", "SDNC"])
+def test_nothing_of_size_n_is_saved_for_backward(kind):
+    """The bytes autograd saves during a call do not depend on the number of cells."""
+    def saved_bytes(cells):
+        memory = make(kind, cells=cells, width=8, heads=2, sparse=4, links=4, inputs=16)
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        generator = torch.Generator().manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            reads, end = _run(memory, memory.initial_state(4), torch.randn(5, 4, 16, generator=generator))
+        (reads.sum() + end["memory"].sum()).backward()
+        return sum(storages.values())
+
+    assert saved_bytes(64) == saved_bytes(4096)
+
+
+# --------------------------------------------------------------------------------------------------
+# State handling, masks, sizes.
+
+
+@pytest.mark.parametrize("kind", ["SAM", "SDNC"])
+def test_pieces_equal_whole(kind):
+    """A sequence run as two calls, the state carried over, gives what it gives run whole (from a fresh
+    memory, where searches meet many zero rows of equal score)."""
+    generator = torch.Generator().manual_seed(10)
+    memory = make(kind, cells=12)
+    xs = torch.randn(7, 2, memory.input_size, generator=generator)
+    whole_reads, whole = _run(memory, memory.initial_state(2), xs)
+    first_reads, middle = _run(memory, memory.initial_state(2), xs[:3])
+    second_reads, end = _run(memory, middle, xs[3:])
+    torch.testing.assert_close(torch.cat([first_reads, second_reads]), whole_reads)
+    for key, value in whole.items():
+        torch.testing.assert_close(end[key], value, msg=key)
+
+
+@pytest.mark.parametrize("kind", ["SAM", "SDNC"])
+def test_mask_keeps_padded_rows_and_begin_does_not_mutate(kind):
+    generator = torch.Generator().manual_seed(7)
+    memory = make(kind)
+    state = random_state(memory, 3, generator)
+    copies = {key: value.clone() for key, value in state.items()}
+    xs = torch.randn(4, 3, memory.input_size, generator=generator)
+    context = memory.begin(state)
+    for x in xs:
+        memory.step(context, x, torch.tensor([True, False, True]))
+    end = memory.end(context)
+    for key, value in state.items():
+        assert torch.equal(value, copies[key]), key  # begin/step/end left the given state alone
+        assert torch.equal(end[key][1], copies[key][1]), key  # the padded row did not change
+        assert end[key].shape == value.shape and end[key].dtype == value.dtype
+    assert not torch.equal(end["memory"][0], copies["memory"][0])
+    alone = memory.begin({key: value[2:] for key, value in state.items()})  # row 2 on its own
+    for x in xs:
+        memory.step(alone, x[2:])
+    for key, value in memory.end(alone).items():
+        torch.testing.assert_close(value[0], end[key][2])
+
+
+@pytest.mark.parametrize("kind", ["SAM", "SDNC"])
+@pytest.mark.parametrize("cells", [1, 2])
+def test_tiny_memories(kind, cells):
+    """Any N >= 1 works, with fewer rows than sparse_reads and temporal_reads (both clamped to N)."""
+    memory = make(kind, cells=cells, sparse=4, links=4)
+    assert memory.sparse_reads == cells
+    state = memory.initial_state(2)
+    context = memory.begin(state)
+    generator = torch.Generator().manual_seed(cells)
+    expected = dense_view(memory, context)
+    for _ in range(4):
+        xi = torch.randn(2, memory.input_size, generator=generator)
+        with torch.no_grad():
+            interface = memory.interface(xi)
+        reads = memory.step(context, xi)
+        assert torch.isfinite(reads).all()
+        _, expected = reference_step(memory, expected, interface)
+        torch.testing.assert_close(dense_view(memory, context)["memory"], expected["memory"])
+    end = memory.end(context)
+    assert end["memory"].shape == (2, cells, memory.cell_size)
+
+
+@pytest.mark.parametrize("cls", [SparseMemory, SparseTemporalMemory])
+def test_construction_at_65536_cells_is_fast(cls):
+    start = time.perf_counter()
+    memory = cls(128, 65536, 32, 4)
+    state = memory.initial_state(8)
+    assert time.perf_counter() - start < 5
+    assert state["memory"].shape == (8, 65536, 32)
+
+
+@pytest.mark.parametrize("kind,keys", [("SAM", SAM_KEYS), ("SDNC", SDNC_KEYS)])
+def test_debug_view_keys(kind, keys):
+    memory = make(kind)
+    context = memory.begin(memory.initial_state(2))
+    memory.step(context, torch.randn(2, memory.input_size))
+    view = memory.debug_view(context)
+    assert set(view) == keys
+    assert all(not value.requires_grad for value in view.values())
+    assert view["memory"].shape == (9, 4) and view["read_weights"].shape == (2, 9)
+
+
+def test_no_grad_matches_grad_and_independent_linears():
+    generator = torch.Generator().manual_seed(8)
+    for independent in (False, True):
+        memory = make("SDNC", independent_linears=independent)
+        state = random_state(memory, 2, generator)
+        xs = torch.randn(3, 2, memory.input_size, generator=generator)
+        reads, end = _run(memory, state, xs)
+        with torch.no_grad():
+            reads_no_grad, end_no_grad = _run(memory, state, xs)
+        torch.testing.assert_close(reads, reads_no_grad)
+        for key in end:
+            torch.testing.assert_close(end[key], end_no_grad[key])
+
+
+def test_bad_arguments_and_states():
+    with pytest.raises(ValueError, match="nr_cells"):
+        SparseMemory(4, 0, 3, 1)
+    with pytest.raises(ValueError, match="index"):
+        SparseMemory(4, 5, 3, 1, index="annoy")
+    with pytest.raises(ValueError, match="temporal_reads"):
+        SparseTemporalMemory(4, 5, 3, 1, temporal_reads=0)
+    memory = make("SAM")
+    with pytest.raises(ValueError, match="initial_state"):
+        memory.begin({"memory": torch.zeros(1, 9, 4)})
+    with pytest.raises(ValueError, match="nr_cells"):
+        memory.begin(make("SAM", cells=5).initial_state(1))
+    context = memory.begin(memory.initial_state(2))
+    with pytest.raises(ValueError, match="xi"):
+        memory.step(context, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="mask"):
+        memory.step(context, torch.zeros(2, memory.input_size), torch.ones(2))
+
+
+def test_faiss_index_gives_the_same_steps():
+    pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(9)
+    exact, with_faiss = make("SAM", cells=40), make("SAM", cells=40, index="faiss", index_threads=1)
+    with_faiss.load_state_dict(exact.state_dict())
+    state = random_state(exact, 2, generator)
+    xs = torch.randn(4, 2, exact.input_size, generator=generator)
+    reads, end = _run(exact, state, xs)
+    reads_faiss, end_faiss = _run(with_faiss, state, xs)
+    torch.testing.assert_close(reads, reads_faiss)
+    torch.testing.assert_close(end["memory"], end_faiss["memory"])
