@@ -8,12 +8,20 @@ save a resumable checkpoint, and `--resume` that continues a run bitwise on CPU.
 
 A script is a parser with its paper's defaults and a call to `run_language_model`, wrapped
 in `cli`, which prints a `UserInputError` or `TrainingError` as one line.
+
+Under torchrun (see `distributed.py`) the same loop runs on every process: the batchified
+corpus is split by columns, so N processes with `--batch_size` B see exactly the columns one
+process with B sees, DDP averages their gradients to the same update, and evaluation sums
+over the processes. Window lengths, stops, skips and optimiser switches are decided alike on
+every process; only rank 0 prints, logs and writes checkpoints, which hold the whole batch's
+hidden state and every process's random state.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import json
@@ -33,6 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 import models
 from data import Corpus, atomic_torch_save, batchify, get_batch
 from errors import UserInputError
@@ -41,7 +50,7 @@ from models.core import detach_state, state_from_tensors, state_tensors
 CHECKPOINT_FORMAT = 1
 REPO_ROOT = Path(__file__).resolve().parent
 # On --resume, these flags take this invocation's values, typed or default ...
-PER_INVOCATION = {"resume", "max_steps", "dry_run", "device", "cuda", "threads"}
+PER_INVOCATION = {"resume", "max_steps", "dry_run", "device", "cuda", "threads", "dist_timeout"}
 # ... these keep the checkpoint's values unless typed again; any other typed flag must match the checkpoint.
 RESUME_OVERRIDABLE = {"epochs", "log_interval", "save_interval", "data", "max_nonfinite"}
 
@@ -65,6 +74,9 @@ def add_run_args(group: argparse._ActionsContainer, dry_run_help: str) -> None:
     group.add_argument("--resume", default=None, metavar="PATH",
                        help="continue from a checkpoint file or a run folder (its checkpoint.pt)")
     group.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help=dry_run_help)
+    group.add_argument("--dist-timeout", "--dist_timeout", dest="dist_timeout", type=float, default=300.0,
+                       help="under torchrun: seconds a process waits for the others (set-up, each exchange) "
+                            "before the run fails")
 
 
 def add_update_args(group: argparse._ActionsContainer, optimizers: tuple[str, ...], evaluation: str) -> None:
@@ -171,12 +183,20 @@ def check_common_args(args: argparse.Namespace) -> None:
             raise UserInputError(f"--{name} must be at least 0, got {getattr(args, name)}")
     if not 0 < args.lr_decay <= 1:
         raise UserInputError(f"--lr-decay must be in (0, 1] (1 turns the plateau schedule off), got {args.lr_decay}")
+    distributed.share(args.batch_size, "--batch_size")
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def seed_rank(seed: int) -> None:
+    """Under torchrun, give ranks other than 0 random streams of their own (dropout masks) once the
+    model is built; rank 0, like a single process, goes on with the stream of `seed`."""
+    if distributed.rank():
+        seed_everything(distributed.rank_seed(seed))
 
 
 def resolve_device(args: argparse.Namespace) -> torch.device:
@@ -194,13 +214,14 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
 
 def cli(main: Callable[[list[str] | None], Any]) -> None:
     """Run a script's `main`, printing user-facing errors as one line (exit 2) instead of a traceback."""
+    where = f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
     try:
         main(None)
     except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error{where}: {error}", file=sys.stderr)
         sys.exit(2)
     except TrainingError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error{where}: {error}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -221,16 +242,35 @@ def json_safe(value: Any) -> Any:
 
 
 class Run:
-    """A run folder: `args.json`, `log.jsonl`, checkpoints. Prints log lines and appends them as JSON."""
+    """A run folder: `args.json`, `log.jsonl`, checkpoints. Prints log lines and appends them as JSON.
+
+    Under torchrun only rank 0 prints and writes; on the other ranks the same calls do nothing.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.main = distributed.is_main()
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
         self.log_path = self.path / "log.jsonl"
         self.bar: tqdm | None = None
 
     @classmethod
     def create(cls, args: argparse.Namespace, script: str) -> "Run":
+        """A new run folder with `args.json`; rank 0 chooses it and tells the other ranks."""
+        path = distributed.agree(str(cls._new_path(args, script)) if distributed.is_main() else None)
+        run = cls(Path(path))
+        if run.main:
+            meta = {
+                "args": public_args(args), "script": script, "argv": sys.argv, "git_commit": git_commit(),
+                "torch": torch.__version__, "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                "processes": distributed.world_size(),
+            }
+            (run.path / "args.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return run
+
+    @staticmethod
+    def _new_path(args: argparse.Namespace, script: str) -> Path:
         if args.run_dir:
             path = Path(args.run_dir)
             if (path / "checkpoint.pt").exists() or (path / "best.pt").exists():
@@ -245,21 +285,19 @@ class Run:
             while path.exists():
                 suffix += 1
                 path = Path("runs") / f"{args.name or script}-{stamp}-{suffix}"
-        run = cls(path)
-        meta = {
-            "args": public_args(args), "script": script, "argv": sys.argv, "git_commit": git_commit(),
-            "torch": torch.__version__, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        }
-        (run.path / "args.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return run
+        return path
 
     def print(self, line: str) -> None:
+        if not self.main:
+            return
         if self.bar is not None:
             self.bar.write(line)
         else:
             print(line, flush=True)
 
     def log(self, event: str, **fields: Any) -> None:
+        if not self.main:
+            return
         record = {"event": event, "time": round(time.time(), 3),
                   **{key: json_safe(value) for key, value in fields.items()}}
         with open(self.log_path, "a") as file:
@@ -270,7 +308,7 @@ class Run:
 
     def truncate_log(self, size: int) -> None:
         """Drop log lines written after a checkpoint, since a resumed run redoes that work."""
-        if self.log_path.exists() and self.log_path.stat().st_size > size:
+        if self.main and self.log_path.exists() and self.log_path.stat().st_size > size:
             with open(self.log_path, "r+b") as file:
                 file.truncate(size)
 
@@ -282,11 +320,21 @@ def perplexity(loss: float) -> float:
 # --------------------------------------------------------------------------- checkpoints
 
 
+def numpy_state(generator: Any = np.random) -> list:
+    """A NumPy `RandomState`'s (or the global generator's) state as a list of plain values and tensors."""
+    kind, keys, *rest = generator.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), *rest]
+
+
+def set_numpy_state(state: list, generator: Any = np.random) -> None:
+    kind, keys, *rest = state
+    generator.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
 def rng_state() -> dict:
-    numpy_state = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "numpy": numpy_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -294,8 +342,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    set_numpy_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
@@ -441,14 +488,23 @@ class StopSignals:
 
 # --------------------------------------------------------------------------- language-model training
 
+STOP_REQUESTS = (None, "interrupt", "terminate")  # least to most urgent; under torchrun the ranks take the most
 
-def variable_bptt_length(bptt: int) -> int:
+
+def state_batch_dims(model: models.LanguageModel, device: torch.device) -> list[int | None]:
+    """For each tensor of the model's recurrent state, the dimension that indexes the batch (None: none)."""
+    one, two = (state_tensors(model.initial_state(size, device)) for size in (1, 2))
+    return [next((dim for dim, (a, b) in enumerate(zip(x.shape, y.shape)) if a != b), None) for x, y in zip(one, two)]
+
+
+def variable_bptt_length(bptt: int, rng: Any = np.random) -> int:
     """AWD-LSTM's window length: around bptt (p=0.95) or bptt/2, plus N(0, 5) noise, at least 5.
 
-    Draws from NumPy's global generator, whose state checkpoints save.
+    `rng` is a NumPy `RandomState` (NumPy's global generator by default); `LMTrainer` passes its
+    own, seeded from --seed and kept in checkpoints, so every rank draws the same lengths.
     """
-    base = bptt if np.random.random() < 0.95 else bptt / 2.0
-    return max(5, int(np.random.normal(base, 5)))
+    base = bptt if rng.random() < 0.95 else bptt / 2.0
+    return max(5, int(rng.normal(base, 5)))
 
 
 def nt_asgd_triggered(history: list[float], valid_loss: float, nonmono: int) -> bool:
@@ -465,9 +521,10 @@ def nt_asgd_triggered(history: list[float], valid_loss: float, nonmono: int) -> 
 def finite_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> bool:
     """Backward, clip to `clip` (0: off) and step, unless the loss or the gradient norm is not finite.
 
-    Returns whether the optimiser stepped; when it did not, the gradients are cleared.
+    Returns whether the optimiser stepped; when it did not, the gradients are cleared. Under
+    torchrun the gradients are averaged over the ranks by then, so every rank takes the same branch.
     """
-    if torch.isfinite(loss):
+    if distributed.all_ranks(bool(torch.isfinite(loss))):  # under torchrun all ranks step or none
         loss.backward()
         params = [p for p in model.parameters() if p.grad is not None]
         if clip > 0:
@@ -521,16 +578,26 @@ class LMTrainer:
     """Trains a `LanguageModel` on a corpus with truncated BPTT.
 
     Subclasses (e.g. AWD-LSTM) override `sequence_length`, `compute_loss` or `after_validation`.
+
+    Under torchrun each rank trains on its share of the batch's columns (`batch_size` of them)
+    through `loss_step`, the DDP-wrapped `compute_loss`; evaluation and checkpoints cover all ranks.
     """
 
     def __init__(self, model: models.LanguageModel, corpus: Corpus, args: argparse.Namespace,
                  device: torch.device, run: Run):
         self.model, self.corpus, self.args, self.device, self.run = model, corpus, args, device, run
-        self.train_data = batchify(corpus.train, args.batch_size, device, "the training split (--batch_size)")
-        self.valid_data = batchify(corpus.valid, args.eval_batch_size, device,
-                                   "the validation split (--eval_batch_size)")
-        self.test_data = batchify(corpus.test, args.test_batch_size or args.eval_batch_size, device,
-                                  "the test split (--test_batch_size)")
+        self.batch_size = distributed.share(args.batch_size, "--batch_size")  # this rank's columns
+        train = batchify(corpus.train, args.batch_size, name="the training split (--batch_size)")
+        self.train_data = distributed.columns(train).to(device)
+        self.valid_data, self.valid_shared = self.evaluation_share(
+            batchify(corpus.valid, args.eval_batch_size, name="the validation split (--eval_batch_size)"))
+        self.test_data, self.test_shared = self.evaluation_share(
+            batchify(corpus.test, args.test_batch_size or args.eval_batch_size,
+                     name="the test split (--test_batch_size)"))
+        self.loss_step = distributed.wrap(model, lambda inputs, targets: self.compute_loss(inputs, targets),
+                                          find_unused_parameters=model.adaptive is not None)
+        self.bptt_rng = np.random.RandomState(args.seed % 2**32)  # window lengths, the same on every rank
+        self.state_dims = state_batch_dims(model, device)
         self.optimizer = self.make_optimizer()
         self.scheduler = None
         if args.lr_decay < 1:
@@ -538,8 +605,34 @@ class LMTrainer:
                 self.optimizer, mode="min", factor=args.lr_decay, patience=args.patience
             )
         self.state = TrainState()
-        self.hidden = model.initial_state(args.batch_size, device)
+        self.hidden = model.initial_state(self.batch_size, device)
         self.eval_batches = 2 if args.dry_run else None
+
+    def evaluation_share(self, source: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """This rank's columns of a batchified evaluation split on the device, and whether it is a share.
+
+        When the split's batch size does not divide among the ranks (e.g. AWD-LSTM's test batch
+        of 1), every rank evaluates all of it and the ranks take rank 0's result.
+        """
+        if source.size(1) % distributed.world_size():
+            return source.to(self.device), False
+        return distributed.columns(source).to(self.device), distributed.world_size() > 1
+
+    def evaluate_split(self, model: models.LanguageModel, split: str) -> float:
+        """Mean loss per token of `model` on "valid" or "test" over all ranks' columns, the same on every rank."""
+        if split == "valid":
+            source, shared = self.valid_data, self.valid_shared
+        else:
+            source, shared = self.test_data, self.test_shared
+        loss = evaluate(model, source, self.args.bptt, self.eval_batches)
+        if shared:
+            rows = source.size(0) - 1
+            if self.eval_batches is not None:
+                rows = min(rows, self.eval_batches * self.args.bptt)
+            tokens = rows * source.size(1)
+            total, count = distributed.all_reduce_sum(loss * tokens, tokens)
+            loss = total / count
+        return distributed.agree(loss)  # one value for the decisions taken on it, whatever the rounding
 
     def make_optimizer(self, asgd: bool = False) -> torch.optim.Optimizer:
         params = self.model.parameters()
@@ -553,7 +646,7 @@ class LMTrainer:
 
     def sequence_length(self) -> int:
         if self.args.variable_bptt:
-            return variable_bptt_length(self.args.bptt)
+            return variable_bptt_length(self.args.bptt, self.bptt_rng)
         return self.args.bptt
 
     def compute_loss(
@@ -627,37 +720,64 @@ class LMTrainer:
     # ---- checkpoints
 
     def checkpoint_contents(self) -> dict:
+        """What `restore` needs; under torchrun every rank must call it (it gathers from all of them).
+
+        `hidden` is the whole batch's state (every rank's columns) and `rng` rank 0's random
+        state, as one process would save them; `rank_rngs` adds every rank's under torchrun.
+        """
+        hidden = [distributed.gather_columns(tensor, dim) if dim is not None else tensor
+                  for tensor, dim in zip(state_tensors(self.hidden), self.state_dims)]
+        rngs = distributed.gather_objects(rng_state())
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "args": public_args(self.args),
             "vocab": self.corpus.dictionary.idx2word,
             "train_state": dataclasses.asdict(self.state),
-            "hidden": [tensor.cpu() for tensor in state_tensors(self.hidden)],
-            "rng": rng_state(),
+            "hidden": [tensor.cpu() for tensor in hidden],
+            "rng": rngs[0],
+            **({"rank_rngs": rngs} if len(rngs) > 1 else {}),
+            "bptt_rng": numpy_state(self.bptt_rng),
         }
 
     def save(self, name: str = "checkpoint.pt", copy_best: bool = True) -> Path:
         """Write `name` in the run folder; best.pt (also copied to --save unless `copy_best` is False) is
-        marked not resumable, since it is taken mid-way through the end of an epoch."""
+        marked not resumable, since it is taken mid-way through the end of an epoch.
+
+        Every rank calls it; rank 0 writes.
+        """
         self.state.log_bytes = self.run.log_size()
         path = self.run.path / name
         contents = {**self.checkpoint_contents(), "resumable": name != "best.pt"}
-        save_checkpoint(path, self.model, **contents)
-        if name == "best.pt" and copy_best and self.args.save:
-            save_checkpoint(Path(self.args.save), self.model, **contents)
+        if distributed.is_main():
+            save_checkpoint(path, self.model, **contents)
+            if name == "best.pt" and copy_best and self.args.save:
+                save_checkpoint(Path(self.args.save), self.model, **contents)
         return path
 
     def restore(self, checkpoint: dict) -> None:
-        """Continue from a checkpoint written by `save` (weights already loaded into the model)."""
+        """Continue from a checkpoint written by `save` (weights already loaded into the model).
+
+        A checkpoint of any number of processes resumes with any number that divides the batch;
+        it is bitwise on CPU when that number is the same.
+        """
         self.state = TrainState(**checkpoint["train_state"])
         if self.state.asgd:
             self.switch_optimizer_quietly()
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.hidden = state_from_tensors(self.hidden, checkpoint["hidden"])
-        set_rng_state(checkpoint["rng"])
+        self.hidden = state_from_tensors(
+            self.hidden, [distributed.columns(tensor, dim) if dim is not None else tensor
+                          for tensor, dim in zip(checkpoint["hidden"], self.state_dims)])
+        rngs = checkpoint.get("rank_rngs", [checkpoint["rng"]])
+        if len(rngs) == distributed.world_size():
+            set_rng_state(rngs[distributed.rank()])
+        else:  # another number of processes: rank 0 continues the saved stream, the others start their own
+            set_rng_state(checkpoint["rng"])
+            seed_rank(self.args.seed)
+        # checkpoints written before the trainer had its own generator drew the lengths from NumPy's global one
+        set_numpy_state(checkpoint.get("bptt_rng", checkpoint["rng"]["numpy"]), self.bptt_rng)
         self.run.truncate_log(self.state.log_bytes)
 
     # ---- the loop
@@ -681,12 +801,13 @@ class LMTrainer:
         self.model.train()
         self.hidden = detach_state(self.hidden)
         self.optimizer.zero_grad(set_to_none=True)
-        loss, next_hidden, cross_entropy = self.compute_loss(inputs, targets)
+        loss, next_hidden, cross_entropy = self.loss_step(inputs, targets)
         if finite_step(self.model, self.optimizer, loss, self.args.clip):
             self.hidden = next_hidden
             self.state.nonfinite_streak = 0
-            return cross_entropy.item()
-        self.hidden = self.model.initial_state(self.args.batch_size, self.device)
+            # the ranks' shares are equal, so the mean of their losses is the whole batch's loss
+            return distributed.all_reduce_sum(cross_entropy.item())[0] / distributed.world_size()
+        self.hidden = self.model.initial_state(self.batch_size, self.device)
         skip_nonfinite(self.run, self.state, self.args.max_nonfinite, "step skipped, state reset",
                        epoch=self.state.epoch)
         return None
@@ -721,12 +842,14 @@ class LMTrainer:
         batches_this_epoch = 0
         started = time.perf_counter()
         bar = tqdm(total=total_batches, initial=min(state.position // args.bptt, total_batches),
-                   desc=f"epoch {state.epoch}", disable=None, leave=False, dynamic_ncols=True)
+                   desc=f"epoch {state.epoch}", disable=None if self.run.main else True, leave=False,
+                   dynamic_ncols=True)
         self.run.bar = None if bar.disable else bar
         try:
             while state.position < last_row:
-                if signals.reason is not None:
-                    return signals.reason
+                reason = STOP_REQUESTS[distributed.max_over_ranks(STOP_REQUESTS.index(signals.reason))]
+                if reason is not None:  # a request on any rank stops all of them before this batch
+                    return reason
                 if args.max_steps is not None and state.step >= args.max_steps:
                     return "max-steps"
                 if args.dry_run and batches_this_epoch == total_batches:
@@ -740,7 +863,7 @@ class LMTrainer:
                 if loss is not None:
                     state.interval_loss += loss
                     state.interval_batches += 1
-                    state.interval_tokens += targets.numel()
+                    state.interval_tokens += targets.numel() * distributed.world_size()
                     bar.set_postfix(loss=f"{loss:.3f}")
                 if state.interval_batches and state.step % args.log_interval == 0:
                     elapsed = time.perf_counter() - started
@@ -773,7 +896,7 @@ class LMTrainer:
         state = self.state
         started = time.perf_counter()
         with self.evaluation_weights():
-            valid_loss = evaluate(self.model, self.valid_data, self.args.bptt, self.eval_batches)
+            valid_loss = self.evaluate_split(self.model, "valid")
             improved = valid_loss < state.best_valid_loss
             if improved:
                 state.best_valid_loss, state.best_epoch = valid_loss, state.epoch
@@ -787,17 +910,22 @@ class LMTrainer:
         stop_reason = self.after_validation(valid_loss)
         state.epoch += 1
         state.position = 0
-        self.hidden = self.model.initial_state(self.args.batch_size, self.device)
+        self.hidden = self.model.initial_state(self.batch_size, self.device)
         self.save()
         return stop_reason
 
     def final_evaluation(self) -> dict:
-        """Valid and test loss of the best model so far (the current one if nothing was validated yet)."""
+        """Valid and test loss of the best model so far (the current one if nothing was validated yet).
+
+        Rank 0 reads best.pt and sends its weights to the other ranks, which need not see the file.
+        """
         best = self.run.path / "best.pt"
-        model = load_checkpoint(best, self.device)[0] if best.exists() else self.model
-        test_bptt = self.args.bptt
-        valid_loss = evaluate(model, self.valid_data, test_bptt, self.eval_batches)
-        test_loss = evaluate(model, self.test_data, test_bptt, self.eval_batches)
+        model = self.model
+        if distributed.agree(self.run.main and best.exists()):
+            model = load_checkpoint(best, self.device)[0] if self.run.main else copy.deepcopy(self.model)
+            distributed.broadcast_module(model)
+        valid_loss = self.evaluate_split(model, "valid")
+        test_loss = self.evaluate_split(model, "test")
         self.run.print(f"| end of training | valid ppl {perplexity(valid_loss):8.2f} | "
                        f"test ppl {perplexity(test_loss):8.2f}")
         self.run.log("test", step=self.state.step, valid_loss=valid_loss, valid_ppl=perplexity(valid_loss),
@@ -849,7 +977,9 @@ def run_language_model(
         finetune_from: a checkpoint whose weights start a new run under averaged SGD that stops
             when validation stops improving (AWD-LSTM's finetune.py).
 
-    With `args.resume` the run continues from its checkpoint instead (see `resume_args`).
+    With `args.resume` the run continues from its checkpoint instead (see `resume_args`). Under
+    torchrun every process runs this; --resume and `finetune_from` then need the checkpoint
+    readable on every machine.
     """
     checkpoint = read_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
@@ -864,7 +994,20 @@ def run_language_model(
     check_common_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args)
+    device = distributed.device(resolve_device(args))
+    with distributed.session(device, args.dist_timeout):
+        return _train_language_model(args, script, config_fn, finetune_from, checkpoint, device)
+
+
+def _train_language_model(
+    args: argparse.Namespace,
+    script: str,
+    config_fn: Callable[[argparse.Namespace, int], models.LMConfig],
+    finetune_from: str | None,
+    checkpoint: dict | None,
+    device: torch.device,
+) -> dict:
+    """`run_language_model` once the flags are checked, inside the process group under torchrun."""
     seed_everything(args.seed)
     corpus = Corpus(args.data)
     if checkpoint is not None:
@@ -882,6 +1025,7 @@ def run_language_model(
         except ValueError as error:
             raise UserInputError(str(error)) from None
         run = Run.create(args, script)
+    seed_rank(args.seed)
     trainer = LMTrainer(model, corpus, args, device, run)
     if checkpoint is not None:
         trainer.restore(checkpoint)
@@ -889,12 +1033,13 @@ def run_language_model(
         run.print(f"| resumed {checkpoint['path']} at epoch {trainer.state.epoch}, step {trainer.state.step}")
     elif finetune_from is not None:
         trainer.switch_optimizer_quietly()
-        start_loss = evaluate(model, trainer.valid_data, args.bptt, trainer.eval_batches)
+        start_loss = trainer.evaluate_split(model, "valid")
         trainer.state.best_valid_loss = start_loss  # fine-tuning must beat the model it starts from
         trainer.save("best.pt", copy_best=False)
         run.print(f"| fine-tuning {finetune_from} with averaged SGD from valid ppl {perplexity(start_loss):.2f}")
         run.log("valid", epoch=0, step=0, loss=start_loss, ppl=perplexity(start_loss), asgd=False)
     parameters = sum(p.numel() for p in model.parameters())
+    processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
     run.print(f"| {script}: {model.config.core} language model, {parameters:,} parameters, "
-              f"vocabulary {len(corpus.dictionary):,}, device {device}, run folder {run.path}")
+              f"vocabulary {len(corpus.dictionary):,}, device {device}{processes}, run folder {run.path}")
     return {"run_dir": str(run.path), **trainer.fit()}
