@@ -19,6 +19,13 @@ plus one segment's saved tensors (measured by running one segment without checkp
 Targets (issue 6): DNC at 1,024 cells <= 120 ms per step and <= 280 MiB saved; SAM and SDNC at
 16,384 cells <= 20 ms per step and <= 40 MiB, t(65,536) / t(1,024) <= 3; construction < 1 s.
 
+Transparent huge pages: PyTorch's CPU allocator backs large tensors with huge pages when the
+environment variable THP_MEM_ALLOC_ENABLE=1 is set before its first allocation. The DNC allocates a
+fresh 32 MiB link matrix per step (batch 8 x 1,024 x 1,024), and without huge pages the page faults on
+it cost about a third of the step on this machine; so this script sets the variable unless it is
+already set (`THP_MEM_ALLOC_ENABLE=0 python bench/bench_dnc.py` measures without), and the task
+scripts (copy_task.py, adding_task.py, argmax_task.py) do the same.
+
     python bench/bench_dnc.py                                  # 1 thread, CPU, about 5 min
     python bench/bench_dnc.py --quick                          # one timed round
     python bench/bench_dnc.py --json bench/out/dnc.json --plot bench/out/dnc.png
@@ -27,10 +34,13 @@ Targets (issue 6): DNC at 1,024 cells <= 120 ms per step and <= 280 MiB saved; S
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates anything (see above)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -197,8 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     machine = machine_info(device)
+    machine["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
     print(f"machine: {machine['cpu']}, {machine['threads']} torch threads, torch {machine['torch']}, "
-          f"device {machine.get('gpu', machine['device'])}")
+          f"device {machine.get('gpu', machine['device'])}, THP_MEM_ALLOC_ENABLE={machine['THP_MEM_ALLOC_ENABLE']}")
     variants = [(kind, cells) for kind in args.kinds
                 for cells in (args.dnc_cells if kind == "DNC" else args.sparse_cells)]
     torch.manual_seed(0)

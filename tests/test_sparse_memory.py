@@ -334,6 +334,37 @@ def test_nothing_of_size_n_is_saved_for_backward(kind):
     assert saved_bytes(64) == saved_bytes(4096)
 
 
+@pytest.mark.parametrize("kind", ["SAM", "SDNC"])
+def test_a_call_leaves_nothing_alive_after_backward(kind):
+    """Once a call's outputs and graph are dropped, its row stores are freed by reference counting
+    alone (a reference cycle through the autograd graph would leak every iteration's graph)."""
+    import gc
+    import weakref
+
+    from models.dnc.sparse_memory import RowStore
+
+    created = []
+    original_init = RowStore.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        created.append(weakref.ref(self))
+
+    memory = make(kind, cells=16, width=4, heads=2, sparse=3, inputs=6)
+    xs = torch.randn(4, 3, 6, requires_grad=True)
+    RowStore.__init__ = recording_init
+    gc.disable()
+    try:
+        reads, end = _run(memory, memory.initial_state(3), xs)
+        (reads.sum() + end["memory"].sum()).backward()
+        del reads, end
+        alive = [ref for ref in created if ref() is not None]
+    finally:
+        RowStore.__init__ = original_init
+        gc.enable()
+    assert created and not alive
+
+
 # --------------------------------------------------------------------------------------------------
 # State handling, masks, sizes.
 

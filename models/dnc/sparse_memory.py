@@ -156,8 +156,13 @@ class RowStore:
         return self.current(torch.arange(element * cells, (element + 1) * cells, device=self.slots.device))[0]
 
     def release(self) -> None:
-        """Drop the per-call tensors (the autograd graph keeps only this object's small parts)."""
-        self.base = self.flat_base = self.slots = self.history = None
+        """Drop the per-call tensors (the autograd graph keeps only this object's small parts).
+
+        Dropping `token` also breaks the cycle store -> token -> graph nodes -> ctx.store -> store,
+        which Python's garbage collector cannot see through the autograd graph: kept, every call's
+        graph would stay alive after its backward pass (a leak of the whole graph per iteration).
+        """
+        self.base = self.flat_base = self.slots = self.history = self.token = None
 
     # Backward-pass side: called by the autograd functions below.
 
