@@ -1,0 +1,44 @@
+"""The copy task for the DNC, SAM and SDNC (Graves et al. 2016; Rae et al. 2016), with a length curriculum.
+
+The network sees random binary vectors, an end marker, then blank steps during which it must
+output the vectors again (tasks/copy.py; -input_size counts the marker channel, so 6 means
+5-bit vectors). Each iteration trains on a fresh batch of one length drawn uniformly from 1 to
+the curriculum's maximum, which starts at -sequence_max_length and grows by
+-curriculum_increment every -curriculum_freq iterations. Loss and metrics cover the copy phase
+only; the headline figure is bit errors per sequence on a fixed test set. At the end the model
+copies longer sequences than it trained on (the generalisation curve, --generalisation-lengths).
+
+Defaults are the published pytorch-dnc copy_task.py's: a DNC (-memory_type dnc) with an LSTM
+controller of 64 units (1 layer of 2 recurrent layers), 16 cells of 20, 4 read heads; Adam at
+1e-4 (betas 0.9, 0.98), gradient clipping 50, batch 100, maximum length 4, no curriculum,
+100,000 iterations, a summary every 100 (-summarize_freq) and a test and checkpoint every 100
+(-check_freq). Any core works with --model (e.g. --model LSTM as a baseline).
+
+    python copy_task.py -cuda 0 -lr 0.001 -rnn_type lstm -nlayer 1 -nhlayer 2 -dropout 0 -mem_slot 32 \\
+        -batch_size 1000 -optim adam -sequence_max_length 8
+    python copy_task.py -memory_type sam -mem_slot 32 -sparse_reads 4 -visdom     # watch it in Visdom
+    python copy_task.py -sequence_max_length 2 -curriculum_increment 1 -curriculum_freq 1000
+"""
+
+import argparse
+
+import task_training
+import training
+from tasks.copy import CopyTask
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return task_training.sequence_task_parser(__doc__)  # the published copy task's defaults
+
+
+def make_task(args: argparse.Namespace) -> CopyTask:
+    return CopyTask(bits=args.input_size - 1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = task_training.parse_sequence_args(build_parser(), argv)
+    return task_training.run_sequence_task(args, script="copy_task", make_task=make_task)
+
+
+if __name__ == "__main__":
+    training.cli(main)
