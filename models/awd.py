@@ -148,7 +148,9 @@ class AWDStack(Core):
 
     @classmethod
     def config_from_args(cls, args: argparse.Namespace, input_size: int) -> AWDConfig:
-        tied = getattr(args, "tied", True) and not getattr(args, "adaptivesoftmax", False)
+        # The last layer outputs the embedding size only for a tied decoder; a task script has no
+        # embedding (and no --tied), so its stack ends at --nhid like the other cores.
+        tied = getattr(args, "tied", False) and not getattr(args, "adaptivesoftmax", False)
         return AWDConfig(
             input_size=input_size,
             hidden_size=args.nhid,
