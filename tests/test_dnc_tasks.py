@@ -315,7 +315,7 @@ def free_port():
 @pytest.mark.parametrize("script, flags, message", [
     ("copy", ["-sequence_max_length", "0"], "-sequence_max_length must be positive"),
     ("copy", ["-curriculum_increment", "-1"], "-curriculum_increment must be at least 0"),
-    ("adding", ["-input_size", "6"], "-input_size must be 2"),
+    ("adding", ["--variant", "standard", "-input_size", "6"], "-input_size must be 2"),
     ("adding", ["-sequence_max_length", "1"], "sequence_max_length must be at least 2"),
     ("argmax", ["-sequence_max_length", "8", "--generalisation-lengths", "5"], "above this task's limit of 5"),
     ("copy", ["-input_size", "1"], "at least 1 bit"),
