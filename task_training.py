@@ -32,6 +32,17 @@ Two kinds of task share that loop:
   (with the arrays as .npz) and, with -visdom, into a running Visdom server with the loss curve
   (models/dnc/visualize.py). Their scripts take the published pytorch-dnc flags
   (`sequence_task_parser`).
+
+Under torchrun (see `distributed.py`) every process runs this loop on its share of each
+batch: --batch_size B is the batch of all processes together, each of the N processes draws
+its B/N examples from a generator of its own (seeded --seed + rank: rank 0 continues the
+single-process stream), and DDP averages the gradients, so an iteration is one process's
+iteration on the ranks' shares put together. A sequence task's batch keeps one length: every
+rank takes rank 0's draw. The fixed test sets are drawn whole on every rank and their batches
+dealt out over the ranks (`distributed.map_shared`), so evaluation is bitwise one process's.
+Stops, skips, the schedule and the curriculum act alike on every rank; only rank 0 prints,
+draws bars and pictures, talks to Visdom and writes files, and checkpoints hold every rank's
+generator and RNG states, so --resume with the same number of processes continues bitwise on CPU.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import distributed
 import training
 from errors import UserInputError
 from models.core import CORES, get_core_class
@@ -147,9 +159,12 @@ def check_task_args(args: argparse.Namespace) -> None:
         raise UserInputError(f"--lr must be above 0, got {args.lr}")
     if not 0 < args.lr_decay <= 1:
         raise UserInputError(f"--lr-decay must be in (0, 1] (1 turns the plateau schedule off), got {args.lr_decay}")
-    if args.test_seed == args.seed:
-        raise UserInputError(f"--test-seed equals --seed ({args.seed}), so the test set would repeat training "
+    if args.seed <= args.test_seed < args.seed + distributed.world_size():
+        rank = args.test_seed - args.seed
+        which = "--seed" if rank == 0 else f"process {rank}'s seed (--seed + rank)"
+        raise UserInputError(f"--test-seed equals {which} ({args.test_seed}), so the test set would repeat training "
                              f"examples; choose another --test-seed")
+    distributed.share(args.batch_size, "--batch_size")
 
 
 def task_resume_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespace:
@@ -181,7 +196,11 @@ class TaskTrainState:
 
 
 class TaskTrainer:
-    """Trains a model on freshly generated batches of a task, evaluating on a fixed test set."""
+    """Trains a model on freshly generated batches of a task, evaluating on a fixed test set.
+
+    Under torchrun each rank trains on its own `batch_size` examples (its share of --batch_size)
+    through `loss_step`, the DDP-wrapped `compute_loss`; evaluation and checkpoints cover all ranks.
+    """
 
     def __init__(self, model: nn.Module, task: Task, args: argparse.Namespace, device: torch.device, run: Run):
         self.model, self.task, self.args, self.device, self.run = model, task, args, device, run
@@ -190,7 +209,9 @@ class TaskTrainer:
             self.optimizer, mode="min", factor=args.lr_decay, patience=args.patience
         ) if args.lr_decay < 1 else None
         self.state = TaskTrainState()
-        self.generator = torch.Generator().manual_seed(args.seed)
+        self.batch_size = distributed.share(args.batch_size, "--batch_size")  # this rank's examples
+        self.generator = torch.Generator().manual_seed(distributed.rank_seed(args.seed))  # this rank's examples
+        self.loss_step = distributed.wrap(model, lambda batch: self.compute_loss(batch))
         self.test_size = min(args.test_size, 2 * args.batch_size) if args.dry_run else args.test_size
 
     @functools.cached_property
@@ -211,29 +232,51 @@ class TaskTrainer:
     # ---- checkpoints
 
     def checkpoint_contents(self) -> dict:
+        """What `restore` needs; under torchrun every rank must call it (it gathers from all of them).
+
+        `generator` and `rng` are rank 0's states, as one process would save them;
+        `rank_generators` and `rank_rngs` add every rank's under torchrun.
+        """
+        generators = distributed.gather_objects(self.generator.get_state())
+        rngs = distributed.gather_objects(training.rng_state())
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "args": public_args(self.args),
             "train_state": dataclasses.asdict(self.state),
-            "generator": self.generator.get_state(),
-            "rng": training.rng_state(),
+            "generator": generators[0],
+            "rng": rngs[0],
+            **({"rank_generators": generators, "rank_rngs": rngs} if len(generators) > 1 else {}),
         }
 
     def save(self, name: str = "checkpoint.pt") -> Path:
+        """Write `name` in the run folder (atomically). Every rank calls it; rank 0 writes."""
         self.state.log_bytes = self.run.log_size()
         path = self.run.path / name
-        training.save_checkpoint(path, self.model, **self.checkpoint_contents())
+        contents = self.checkpoint_contents()
+        if distributed.is_main():
+            training.save_checkpoint(path, self.model, **contents)
         return path
 
     def restore(self, checkpoint: dict) -> None:
-        """Continue from a checkpoint written by `save` (weights already loaded into the model)."""
+        """Continue from a checkpoint written by `save` (weights already loaded into the model).
+
+        With the number of processes that wrote it, each rank continues its own streams (bitwise
+        on CPU). With another number, rank 0 continues the saved streams and the other ranks start
+        their own from --seed, their rank and the step reached, so they repeat no earlier examples.
+        """
         self.state = type(self.state)(**checkpoint["train_state"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None and checkpoint["scheduler"] is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.generator.set_state(checkpoint["generator"])
-        training.set_rng_state(checkpoint["rng"])
+        generators = checkpoint.get("rank_generators", [checkpoint["generator"]])
+        rngs = checkpoint.get("rank_rngs", [checkpoint["rng"]])
+        saved = distributed.rank() if len(generators) == distributed.world_size() else 0
+        self.generator.set_state(generators[saved])
+        training.set_rng_state(rngs[saved])
+        if saved != distributed.rank():  # another number of processes: a stream of this rank's own
+            self.generator.manual_seed(distributed.rank_seed(self.args.seed) + self.state.step * 2**20)
+            training.seed_rank(self.args.seed)
         self.run.truncate_log(self.state.log_bytes)
 
     # ---- steps and evaluation
@@ -242,33 +285,42 @@ class TaskTrainer:
         return self.task.loss(self.model(batch.inputs.to(self.device)), to_device(batch, self.device))
 
     def next_batch(self) -> Any:
-        """A fresh training batch."""
-        return self.task.sample(self.args.batch_size, self.generator)
+        """This rank's share of a fresh training batch, from this rank's generator."""
+        return self.task.sample(self.batch_size, self.generator)
 
     def train_step(self) -> float | None:
-        """One optimiser step on a fresh batch; returns its loss, or None when skipped as non-finite."""
+        """One optimiser step on a fresh batch; returns its loss (over all ranks), or None when skipped
+        as non-finite (on any rank: then on all)."""
         batch = self.next_batch()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.compute_loss(batch)
+        loss = self.loss_step(batch)
         if training.finite_step(self.model, self.optimizer, loss, self.args.clip):
             self.state.nonfinite_streak = 0
-            return loss.item()
+            # the ranks' shares are equal, so the mean of their losses is the whole batch's loss
+            return distributed.all_reduce_sum(loss.item())[0] / distributed.world_size()
         training.skip_nonfinite(self.run, self.state, self.args.max_nonfinite, "step skipped")
         return None
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> tuple[float, float]:
-        """(mean loss, accuracy) over the fixed test set, weighting each batch by its size."""
+        """(mean loss, accuracy) over the fixed test set, weighting each batch by its size.
+
+        Under torchrun the batches are dealt out over the ranks and the sums taken in batch order,
+        so every rank gets bitwise the single-process result.
+        """
         model = model or self.model
         model.eval()
-        total_loss, total_correct, count = 0.0, 0.0, 0
-        for batch in self.test_batches:
+
+        def measure(batch: Any) -> tuple[int, float, float]:
             batch = to_device(batch, self.device)
             logits = model(batch.inputs)
-            size = logits.size(0)
-            total_loss += self.task.loss(logits, batch).item() * size
-            total_correct += self.task.accuracy(logits, batch) * size
+            return logits.size(0), self.task.loss(logits, batch).item(), self.task.accuracy(logits, batch)
+
+        total_loss, total_correct, count = 0.0, 0.0, 0
+        for size, loss, accuracy in distributed.map_shared(measure, self.test_batches):
+            total_loss += loss * size
+            total_correct += accuracy * size
             count += size
         return total_loss / count, total_correct / count
 
@@ -312,13 +364,16 @@ class TaskTrainer:
         last_step = min(args.iterations, state.step + 2) if args.dry_run else args.iterations
         stop_reason = None
         started = time.perf_counter()
-        bar = tqdm(total=last_step, initial=state.step, desc="training", disable=None, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=last_step, initial=state.step, desc="training", disable=None if self.run.main else True,
+                   leave=False, dynamic_ncols=True)
         self.run.bar = None if bar.disable else bar
         try:
             with StopSignals() as signals:
                 while state.step < last_step:
-                    if signals.reason is not None:
-                        stop_reason = signals.reason
+                    requests = training.STOP_REQUESTS
+                    reason = requests[distributed.max_over_ranks(requests.index(signals.reason))]
+                    if reason is not None:  # a request on any rank stops all of them before this iteration
+                        stop_reason = reason
                         break
                     if args.max_steps is not None and state.step >= args.max_steps:
                         stop_reason = "max-steps"
@@ -416,12 +471,14 @@ class SequenceTaskTrainer(TaskTrainer):
         return [self.task.sample(len(chunk), chunk, generator) for chunk in lengths.split(self.args.batch_size)]
 
     def next_batch(self) -> Any:
-        """Apply the curriculum for the iterations done, then a fresh batch of one length drawn from it."""
+        """Apply the curriculum for the iterations done, then this rank's share of a fresh batch of one
+        length drawn from it: every rank draws a length from its generator and all take rank 0's, so
+        the whole batch has one length, as in one process."""
         if self.curriculum.update(self.state.step):
             self.run.print(f"| step {self.state.step:7d} | curriculum: maximum length {self.curriculum.max_length}")
             self.run.log("curriculum", step=self.state.step, max_length=self.curriculum.max_length)
-        length = self.curriculum.sample_length(self.generator)
-        self.last_batch = self.task.sample(self.args.batch_size, length, self.generator)
+        length = distributed.agree(self.curriculum.sample_length(self.generator))
+        self.last_batch = self.task.sample(self.batch_size, length, self.generator)
         return self.last_batch
 
     # ---- checkpoints
@@ -437,14 +494,18 @@ class SequenceTaskTrainer(TaskTrainer):
 
     @torch.no_grad()
     def evaluate_metrics(self, batches: list[Any]) -> dict[str, float]:
-        """The task's metrics over `batches`, each batch weighted by its size."""
+        """The task's metrics over `batches`, each batch weighted by its size (under torchrun the
+        batches are dealt out over the ranks, with bitwise the single-process result on every rank)."""
         self.model.eval()
+
+        def measure(batch: Any) -> tuple[int, dict[str, float]]:
+            batch = to_device(batch, self.device)
+            return batch.inputs.size(1), self.task.metrics(self.model(batch.inputs), batch)
+
         totals: dict[str, float] = {}
         count = 0
-        for batch in batches:
-            batch = to_device(batch, self.device)
-            size = batch.inputs.size(1)
-            for name, value in self.task.metrics(self.model(batch.inputs), batch).items():
+        for size, metrics in distributed.map_shared(measure, batches):
+            for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value * size
             count += size
         return {name: total / count for name, total in totals.items()}
@@ -502,7 +563,9 @@ class SequenceTaskTrainer(TaskTrainer):
         return loss
 
     def summarize(self, loss: float) -> None:
-        """Draw the memory of the latest batch's element 0 into pictures/ and, with -visdom, Visdom."""
+        """Draw the memory of the latest batch's element 0 into pictures/ and, with -visdom, Visdom (rank 0)."""
+        if not self.run.main:
+            return
         from models.dnc import visualize  # matplotlib is imported only when a picture is drawn
 
         step = self.state.step
@@ -655,10 +718,10 @@ def resume_or_start(args: argparse.Namespace, kind: str) -> tuple[argparse.Names
 
 
 def set_up_process(args: argparse.Namespace) -> torch.device:
-    """Threads, device and seeds."""
+    """Threads, device (under torchrun cuda:LOCAL_RANK for a CUDA request) and seeds."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = training.resolve_device(args)
+    device = distributed.device(training.resolve_device(args))
     training.seed_everything(args.seed)
     return device
 
@@ -689,13 +752,14 @@ def open_run(args: argparse.Namespace, script: str, kind: str, config: TaskModel
 def start(trainer: TaskTrainer, checkpoint: dict | None, script: str) -> None:
     """Restore a resumed run and print what is being trained."""
     run, model = trainer.run, trainer.model
+    processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
     if checkpoint is not None:
         trainer.restore(checkpoint)
         run.log("resume", step=trainer.state.step)
         run.print(f"| resumed {checkpoint['path']} at step {trainer.state.step}")
     parameters = sum(p.numel() for p in model.parameters())
     run.print(f"| {script}: {model.config.core} {type(model).__name__}, {parameters:,} parameters, "
-              f"device {trainer.device}, run folder {run.path}")
+              f"device {trainer.device}{processes}, run folder {run.path}")
 
 
 def run_task(args: argparse.Namespace, script: str, make_task: Callable[[argparse.Namespace], Task]) -> dict:
@@ -709,19 +773,24 @@ def run_task(args: argparse.Namespace, script: str, make_task: Callable[[argpars
     Returns:
         {"run_dir", "stopped", "step", "best_accuracy", "best_step", "test_loss", "test_accuracy"},
         the last two from the current model at the end (left out after SIGTERM).
+
+    Under torchrun every process runs this (inside `distributed.session`); --resume then needs the
+    checkpoint readable on every machine.
     """
     args, checkpoint = resume_or_start(args, "TaskModel")
     check_task_args(args)
     device = set_up_process(args)
-    task, config = build_task(args, make_task, checkpoint)
-    model, run = open_run(args, script, "TaskModel", config, checkpoint, device)
-    trainer = TaskTrainer(model, task, args, device, run)
-    start(trainer, checkpoint, script)
-    result = {"run_dir": str(run.path), **trainer.fit()}
-    if result["stopped"] == "terminate":  # leave at once; the checkpoint is saved
-        return result
-    test_loss, test_accuracy = trainer.evaluate()
-    return {**result, "test_loss": test_loss, "test_accuracy": test_accuracy}
+    with distributed.session(device, args.dist_timeout):
+        task, config = build_task(args, make_task, checkpoint)
+        model, run = open_run(args, script, "TaskModel", config, checkpoint, device)
+        training.seed_rank(args.seed)
+        trainer = TaskTrainer(model, task, args, device, run)
+        start(trainer, checkpoint, script)
+        result = {"run_dir": str(run.path), **trainer.fit()}
+        if result["stopped"] == "terminate":  # leave at once; the checkpoint is saved
+            return result
+        test_loss, test_accuracy = trainer.evaluate()
+        return {**result, "test_loss": test_loss, "test_accuracy": test_accuracy}
 
 
 def run_sequence_task(args: argparse.Namespace, script: str,
@@ -738,6 +807,8 @@ def run_sequence_task(args: argparse.Namespace, script: str,
         {"run_dir", "stopped", "step", "metric", "best_metric", "best_max_length", "best_step", "test",
         "generalisation"}: `test` holds the current model's metrics on the test set at the final
         maximum length, `generalisation` {length: metrics}; both left out after SIGTERM.
+
+    Under torchrun every process runs this (inside `distributed.session`); only rank 0 connects to Visdom.
     """
     args, checkpoint = resume_or_start(args, "SequenceModel")
     check_task_args(args)
@@ -754,17 +825,20 @@ def run_sequence_task(args: argparse.Namespace, script: str,
     if min(args.generalisation_lengths) < task.min_length:
         raise UserInputError(f"--generalisation-lengths must be at least {task.min_length} for this task, "
                              f"got {args.generalisation_lengths}")
-    board = connect_board(args, script) if args.visdom else None
-    model, run = open_run(args, script, "SequenceModel", config, checkpoint, device)
-    trainer = SequenceTaskTrainer(model, task, args, device, run, curriculum, board)
-    start(trainer, checkpoint, script)
-    result = {"run_dir": str(run.path), **trainer.fit()}
-    if result["stopped"] == "terminate":
-        return result
-    test = trainer.evaluate_metrics(trainer.test_batches)
-    run.print(f"| final test | max length {curriculum.max_length:4d} | {trainer.describe(test)}")
-    run.log("final", step=trainer.state.step, max_length=curriculum.max_length, **test)
-    example = to_device(trainer.test_batches[-1], device)
-    with torch.no_grad():
-        run.print("| a test example:\n" + task.to_human_readable(example, model(example.inputs), index=-1))
-    return {**result, "test": test, "generalisation": trainer.generalisation()}
+    board = connect_board(args, script) if args.visdom and distributed.is_main() else None
+    with distributed.session(device, args.dist_timeout):
+        model, run = open_run(args, script, "SequenceModel", config, checkpoint, device)
+        training.seed_rank(args.seed)
+        trainer = SequenceTaskTrainer(model, task, args, device, run, curriculum, board)
+        start(trainer, checkpoint, script)
+        result = {"run_dir": str(run.path), **trainer.fit()}
+        if result["stopped"] == "terminate":
+            return result
+        test = trainer.evaluate_metrics(trainer.test_batches)
+        run.print(f"| final test | max length {curriculum.max_length:4d} | {trainer.describe(test)}")
+        run.log("final", step=trainer.state.step, max_length=curriculum.max_length, **test)
+        if run.main:
+            example = to_device(trainer.test_batches[-1], device)
+            with torch.no_grad():
+                run.print("| a test example:\n" + task.to_human_readable(example, model(example.inputs), index=-1))
+        return {**result, "test": test, "generalisation": trainer.generalisation()}
