@@ -26,11 +26,18 @@ heads, Adam at 1e-4, clipping 50, batch 100); any core works with --model.
     python adding_task.py --model LSTM --nhid 128 -lr 0.001          # the LSTM baseline
 """
 
-import argparse
+import os
 
-import task_training
-import training
-from tasks.adding import AddingTask, DigitAddingTask
+# PyTorch backs large CPU tensors with huge pages when this is set before its first allocation: the
+# DNC's fresh link matrix every step (32 MiB at batch 8 and 1,024 cells) then page-faults far less
+# (about a third of the step time without it; see bench/bench_dnc.py). Set it to 0 to turn it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import argparse  # noqa: E402
+
+import task_training  # noqa: E402
+import training  # noqa: E402
+from tasks.adding import AddingTask, DigitAddingTask  # noqa: E402
 
 # Each variant's -input_size and -iterations, used unless typed.
 VARIANT_DEFAULTS = {"published": {"input_size": 6, "iterations": 2000},

@@ -20,11 +20,18 @@ controller of 64 units (1 layer of 2 recurrent layers), 16 cells of 20, 4 read h
     python copy_task.py -sequence_max_length 2 -curriculum_increment 1 -curriculum_freq 1000
 """
 
-import argparse
+import os
 
-import task_training
-import training
-from tasks.copy import CopyTask
+# PyTorch backs large CPU tensors with huge pages when this is set before its first allocation: the
+# DNC's fresh link matrix every step (32 MiB at batch 8 and 1,024 cells) then page-faults far less
+# (about a third of the step time without it; see bench/bench_dnc.py). Set it to 0 to turn it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import argparse  # noqa: E402
+
+import task_training  # noqa: E402
+import training  # noqa: E402
+from tasks.copy import CopyTask  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
