@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -86,6 +87,11 @@ def session(device: torch.device, timeout: float) -> Iterator[None]:
         yield
         barrier()
     finally:
+        # Free what the body built (DDP's reducer holds the process group) before the group goes:
+        # left to interpreter shutdown, the group's threads were torn down out of order and the
+        # process aborted ("terminate called without an active exception") after a finished run.
+        # Callers run the body in a function of its own, so its locals are gone by now.
+        gc.collect()
         dist.destroy_process_group()
 
 

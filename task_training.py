@@ -781,16 +781,22 @@ def run_task(args: argparse.Namespace, script: str, make_task: Callable[[argpars
     check_task_args(args)
     device = set_up_process(args)
     with distributed.session(device, args.dist_timeout):
-        task, config = build_task(args, make_task, checkpoint)
-        model, run = open_run(args, script, "TaskModel", config, checkpoint, device)
-        training.seed_rank(args.seed)
-        trainer = TaskTrainer(model, task, args, device, run)
-        start(trainer, checkpoint, script)
-        result = {"run_dir": str(run.path), **trainer.fit()}
-        if result["stopped"] == "terminate":  # leave at once; the checkpoint is saved
-            return result
-        test_loss, test_accuracy = trainer.evaluate()
-        return {**result, "test_loss": test_loss, "test_accuracy": test_accuracy}
+        return _train_task(args, script, make_task, checkpoint, device)
+
+
+def _train_task(args: argparse.Namespace, script: str, make_task: Callable[[argparse.Namespace], Task],
+                checkpoint: dict | None, device: torch.device) -> dict:
+    """`run_task` inside the process group (a function of its own, so the trainer is freed before the group)."""
+    task, config = build_task(args, make_task, checkpoint)
+    model, run = open_run(args, script, "TaskModel", config, checkpoint, device)
+    training.seed_rank(args.seed)
+    trainer = TaskTrainer(model, task, args, device, run)
+    start(trainer, checkpoint, script)
+    result = {"run_dir": str(run.path), **trainer.fit()}
+    if result["stopped"] == "terminate":  # leave at once; the checkpoint is saved
+        return result
+    test_loss, test_accuracy = trainer.evaluate()
+    return {**result, "test_loss": test_loss, "test_accuracy": test_accuracy}
 
 
 def run_sequence_task(args: argparse.Namespace, script: str,
@@ -827,18 +833,25 @@ def run_sequence_task(args: argparse.Namespace, script: str,
                              f"got {args.generalisation_lengths}")
     board = connect_board(args, script) if args.visdom and distributed.is_main() else None
     with distributed.session(device, args.dist_timeout):
-        model, run = open_run(args, script, "SequenceModel", config, checkpoint, device)
-        training.seed_rank(args.seed)
-        trainer = SequenceTaskTrainer(model, task, args, device, run, curriculum, board)
-        start(trainer, checkpoint, script)
-        result = {"run_dir": str(run.path), **trainer.fit()}
-        if result["stopped"] == "terminate":
-            return result
-        test = trainer.evaluate_metrics(trainer.test_batches)
-        run.print(f"| final test | max length {curriculum.max_length:4d} | {trainer.describe(test)}")
-        run.log("final", step=trainer.state.step, max_length=curriculum.max_length, **test)
-        if run.main:
-            example = to_device(trainer.test_batches[-1], device)
-            with torch.no_grad():
-                run.print("| a test example:\n" + task.to_human_readable(example, model(example.inputs), index=-1))
-        return {**result, "test": test, "generalisation": trainer.generalisation()}
+        return _train_sequence_task(args, script, task, config, curriculum, board, checkpoint, device)
+
+
+def _train_sequence_task(args: argparse.Namespace, script: str, task: SequenceTask, config: TaskModelConfig,
+                         curriculum: Curriculum, board: Any, checkpoint: dict | None, device: torch.device) -> dict:
+    """`run_sequence_task` inside the process group (a function of its own, so the trainer is freed
+    before the group)."""
+    model, run = open_run(args, script, "SequenceModel", config, checkpoint, device)
+    training.seed_rank(args.seed)
+    trainer = SequenceTaskTrainer(model, task, args, device, run, curriculum, board)
+    start(trainer, checkpoint, script)
+    result = {"run_dir": str(run.path), **trainer.fit()}
+    if result["stopped"] == "terminate":
+        return result
+    test = trainer.evaluate_metrics(trainer.test_batches)
+    run.print(f"| final test | max length {curriculum.max_length:4d} | {trainer.describe(test)}")
+    run.log("final", step=trainer.state.step, max_length=curriculum.max_length, **test)
+    if run.main:
+        example = to_device(trainer.test_batches[-1], device)
+        with torch.no_grad():
+            run.print("| a test example:\n" + task.to_human_readable(example, model(example.inputs), index=-1))
+    return {**result, "test": test, "generalisation": trainer.generalisation()}
