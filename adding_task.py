@@ -35,8 +35,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse  # noqa: E402
 
-import task_training  # noqa: E402
 import training  # noqa: E402
+from models.dnc.visualize import MemoryPictures  # noqa: E402
 from tasks.adding import AddingTask, DigitAddingTask  # noqa: E402
 
 # Each variant's -input_size and -iterations, used unless typed.
@@ -45,7 +45,7 @@ VARIANT_DEFAULTS = {"published": {"input_size": 6, "iterations": 2000},
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = task_training.sequence_task_parser(__doc__)
+    parser = training.sequence_task_parser(__doc__)
     parser.add_argument_group("adding task").add_argument(
         "--variant", choices=sorted(VARIANT_DEFAULTS), default="published",
         help="published: one-hot digits, the decoded outputs summed (pytorch-dnc); "
@@ -54,13 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> training.Flags:
     """The flags, with -input_size and -iterations from --variant where not typed."""
-    args = task_training.parse_sequence_args(build_parser(), argv)
-    for name, value in VARIANT_DEFAULTS[args.variant].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    flags = training.parse_sequence_args(build_parser(), argv)
+    for name, value in VARIANT_DEFAULTS[flags.args.variant].items():
+        if getattr(flags.args, name) is None:
+            setattr(flags.args, name, value)
+    return flags
 
 
 def make_task(args: argparse.Namespace) -> AddingTask | DigitAddingTask:
@@ -76,7 +76,8 @@ def make_task(args: argparse.Namespace) -> AddingTask | DigitAddingTask:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return task_training.run_sequence_task(parse_args(argv), script="adding_task", make_task=make_task)
+    return training.run_sequence_task(parse_args(argv), script="adding_task", make_task=make_task,
+                                      pictures=MemoryPictures.from_args)
 
 
 if __name__ == "__main__":

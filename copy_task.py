@@ -29,13 +29,13 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse  # noqa: E402
 
-import task_training  # noqa: E402
 import training  # noqa: E402
+from models.dnc.visualize import MemoryPictures  # noqa: E402
 from tasks.copy import CopyTask  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return task_training.sequence_task_parser(__doc__)  # the published copy task's defaults
+    return training.sequence_task_parser(__doc__)  # the published copy task's defaults
 
 
 def make_task(args: argparse.Namespace) -> CopyTask:
@@ -43,8 +43,8 @@ def make_task(args: argparse.Namespace) -> CopyTask:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = task_training.parse_sequence_args(build_parser(), argv)
-    return task_training.run_sequence_task(args, script="copy_task", make_task=make_task)
+    return training.run_sequence_task(training.parse_sequence_args(build_parser(), argv), script="copy_task",
+                                      make_task=make_task, pictures=MemoryPictures.from_args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import collections
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -111,22 +110,6 @@ def corpus_hash(paths: dict[str, Path]) -> str:
     return digest.hexdigest()[:20]
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """`torch.save` to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class Corpus:
     """A tokenised corpus folder.
 
@@ -202,8 +185,10 @@ class Corpus:
         return loaded
 
     def _write_cache(self, loaded: dict) -> None:
+        from training.checkpoint import atomic_save  # here: the training package imports this module
+
         try:
-            atomic_torch_save(loaded, self.cache_path)
+            atomic_save(loaded, self.cache_path)
         except OSError as error:
             log.warning("could not write the corpus cache %s (%s); continuing without it", self.cache_path, error)
             return

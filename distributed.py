@@ -223,6 +223,25 @@ def all_ranks(flag: bool) -> bool:
     return not max_over_ranks(int(not flag))
 
 
+def all_true(flag: torch.Tensor) -> torch.Tensor:
+    """A bool tensor on this rank's device that holds where `flag` holds on every rank; reads nothing
+    back to the host (so it costs no host sync on a GPU). `flag` itself without torchrun."""
+    if world_size() == 1:
+        return flag
+    values = flag.to(torch.uint8)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return values.bool()
+
+
+def all_reduce_sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over the ranks of `tensor` (on this rank's device), as a new tensor; `tensor` without torchrun."""
+    if world_size() == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
 def agree(value: Any) -> Any:
     """Rank 0's `value` (picklable) on every rank, so that all ranks take the same decision."""
     if world_size() == 1:

@@ -1,9 +1,12 @@
-"""The one exception type for mistakes in what the user gave us.
+"""The two exception types a script turns into one line (see `training.cli`).
 
-Scripts catch `UserInputError` at the top (see `training.cli`) and print its message as
-one line, so each message must name the problem and the fix.
+Each message must name the problem and the fix.
 """
 
 
 class UserInputError(ValueError):
-    """Bad input from the user: a missing file, a bad flag value, an incompatible checkpoint."""
+    """Bad input from the user: a missing file, a bad flag value, an incompatible checkpoint (exit status 2)."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. persistent non-finite losses); the message says why and what to do (exit 1)."""

@@ -9,7 +9,6 @@ the best of all but the last --nonmono evaluations (or after --epochs).
 """
 
 import argparse
-from pathlib import Path
 
 import main as awd_main
 import training
@@ -25,17 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = training.parse_args(build_parser(), argv)
-    if args.resume:
-        return training.run_language_model(args, script="finetune")
-    start = args.checkpoint or args.save
+    flags = training.parse_args(build_parser(), argv)
+    if flags.args.resume:
+        return training.run_language_model(flags, script="finetune")
+    start = flags.args.checkpoint or flags.args.save
     if start is None:
         raise UserInputError("finetune.py needs --checkpoint PATH (or --save PATH) of a model trained by main.py")
-    path = Path(start)
-    if path.is_dir() and (path / "best.pt").is_file():
-        path = path / "best.pt"
-    args.stop_when_nonmono = True
-    return training.run_language_model(args, script="finetune", finetune_from=str(path))
+    return training.run_language_model(flags, script="finetune",
+                                       finetune_from=str(training.best_checkpoint(start)))
 
 
 if __name__ == "__main__":

@@ -71,10 +71,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.words < 0:
         raise UserInputError(f"--words must be at least 0, got {args.words}")
     device = training.resolve_device(args)
-    path = Path(args.checkpoint)
-    if path.is_dir() and (path / "best.pt").is_file():
-        path = path / "best.pt"
-    model, checkpoint = training.load_checkpoint(path, device, kind="LanguageModel")
+    model, checkpoint = training.load_checkpoint(training.best_checkpoint(args.checkpoint), device,
+                                                 kind="LanguageModel")
     dictionary = Dictionary(checkpoint["vocab"])
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)

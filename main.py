@@ -35,14 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
 def awd_config(args: argparse.Namespace, vocab_size: int) -> models.LMConfig:
     """`--model LSTM|GRU` is the AWD stack with that cell; other cores are used as they are."""
     if args.model.upper() in CELLS:
-        args.awd_cell = args.model.upper()
-        return models.lm_config_from_args(args, vocab_size, core="AWD")
+        stack = argparse.Namespace(**{**vars(args), "awd_cell": args.model.upper()})
+        return models.lm_config_from_args(stack, vocab_size, core="AWD")
     return models.lm_config_from_args(args, vocab_size)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = training.parse_args(build_parser(), argv)
-    return training.run_language_model(args, script="main", config_fn=awd_config)
+    return training.run_language_model(training.parse_args(build_parser(), argv), script="main",
+                                       config_fn=awd_config)
 
 
 if __name__ == "__main__":

@@ -71,10 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = training.resolve_device(args)
-    path = Path(args.checkpoint)
-    if path.is_dir() and (path / "best.pt").is_file():
-        path = path / "best.pt"
-    model, checkpoint = training.load_checkpoint(path, device, kind="LanguageModel")
+    model, checkpoint = training.load_checkpoint(training.best_checkpoint(args.checkpoint), device,
+                                                 kind="LanguageModel")
     corpus = Corpus(args.data)
     training.check_vocabulary(checkpoint, corpus, args.data)
     results = {}

@@ -8,7 +8,7 @@ answer's label.
 Paper settings: RMC with 8 memory slots, 8 heads, head size 32, 1 block and 2 attention-MLP
 layers (`--model RMC`, with its flags), an output MLP of 4 layers of 256 units, Adam at 1e-4,
 batch 1600. The paper states no learning-rate schedule or clipping: the plateau schedule on the
-test loss here (see task_training.py) only acts after --patience evaluations without progress
+test loss here (see training/tasks.py) only acts after --patience evaluations without progress
 (`--lr-decay 1` turns it off), and clipping is off. The default core is the LSTM baseline.
 
     python train_nth_farthest.py --model RMC --mem-slots 8 --num-heads 8 --head-size 32 --num-blocks 1 \
@@ -24,15 +24,12 @@ Keep the batch large: at batches of 64-256 the RMC and LSTM runs tried here stay
 
 import argparse
 
-import task_training
 import training
 from tasks.nth_farthest import NthFarthest
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    task_training.add_task_args(parser)
-    task_training.add_task_model_args(parser, default_mlp_sizes=[256, 256, 256, 256])
+    parser = training.task_parser(__doc__, default_mlp_sizes=[256, 256, 256, 256])
     group = parser.add_argument_group("task")
     group.add_argument("--num-vectors", "--num_vectors", dest="num_vectors", type=int, default=8,
                        help="vectors per example (= steps = classes)")
@@ -50,8 +47,8 @@ def make_task(args: argparse.Namespace) -> NthFarthest:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = training.parse_args(build_parser(), argv)
-    return task_training.run_task(args, script="train_nth_farthest", make_task=make_task)
+    return training.run_task(training.parse_args(build_parser(), argv), script="train_nth_farthest",
+                             make_task=make_task)
 
 
 if __name__ == "__main__":

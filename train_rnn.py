@@ -24,8 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = training.parse_args(build_parser(), argv)
-    return training.run_language_model(args, script="train_rnn")
+    return training.run_language_model(training.parse_args(build_parser(), argv), script="train_rnn")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def to_human_readable(batch: Batch, outputs: torch.Tensor | None = None, index: 
 
 @dataclass(frozen=True)
 class AddingTask:
-    """The standard variant as the sequence-task loop uses it (see task_training.SequenceTask)."""
+    """The standard variant as the sequence-task loop uses it (see tasks.protocol.SequenceTask)."""
 
     input_size = 2
     output_size = 1
@@ -227,7 +227,7 @@ def digits_to_human_readable(batch: DigitBatch, outputs: torch.Tensor | None = N
 
 @dataclass(frozen=True)
 class DigitAddingTask:
-    """The published variant as the sequence-task loop uses it (see task_training.SequenceTask).
+    """The published variant as the sequence-task loop uses it (see tasks.protocol.SequenceTask).
 
     Outputs have the input's V + 1 channels, as the published DNC's do; only their sum counts.
     """

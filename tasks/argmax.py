@@ -110,7 +110,7 @@ def to_human_readable(batch: Batch, logits: torch.Tensor | None = None, index: i
 
 @dataclass(frozen=True)
 class ArgmaxTask:
-    """The task as the sequence-task loop uses it (see task_training.SequenceTask)."""
+    """The task as the sequence-task loop uses it (see tasks.protocol.SequenceTask)."""
 
     values: int = 5
     positions: int = 40

@@ -115,7 +115,7 @@ def to_human_readable(batch: Batch, logits: torch.Tensor | None = None, index: i
 
 @dataclass(frozen=True)
 class CopyTask:
-    """The task as the sequence-task loop uses it (see task_training.SequenceTask)."""
+    """The task as the sequence-task loop uses it (see tasks.protocol.SequenceTask)."""
 
     bits: int = 5
     min_length = 1

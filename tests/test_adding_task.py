@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adding_task
-import task_training
+import training
 from errors import UserInputError
 from tasks import adding
 
@@ -100,17 +100,17 @@ def test_digits_human_readable():
 
 
 def test_variant_defaults():
-    args = adding_task.parse_args([])
+    args = adding_task.parse_args([]).args
     assert (args.variant, args.input_size, args.iterations, args.sequence_max_length) == ("published", 6, 2000, 100)
     assert (args.model, args.nhid, args.lr, args.clip, args.batch_size, args.mem_slot, args.mem_size) == \
         ("DNC", 64, 1e-4, 50.0, 100, 16, 20)
-    assert task_training.default_generalisation_lengths(args) == [100, 200, 500, 1000]
+    assert training.default_generalisation_lengths(args) == [100, 200, 500, 1000]
     task = adding_task.make_task(args)
     assert (task.input_size, task.output_size, task.metric, task.higher_is_better) == (6, 6, "abs_error", False)
-    standard = adding_task.parse_args(["--variant", "standard"])
+    standard = adding_task.parse_args(["--variant", "standard"]).args
     assert (standard.input_size, standard.iterations) == (2, 100000)
     assert isinstance(adding_task.make_task(standard), adding.AddingTask)
-    typed = adding_task.parse_args(["-input_size", "4", "-iterations", "7"])
+    typed = adding_task.parse_args(["-input_size", "4", "-iterations", "7"]).args
     assert (typed.input_size, typed.iterations) == (4, 7) and adding_task.make_task(typed).values == 3
 
 

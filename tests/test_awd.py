@@ -10,6 +10,8 @@ import finetune
 import main as awd_main
 import models
 import training
+from data import Corpus, batchify, get_batch
+from training.lm import nt_asgd_triggered, variable_bptt_length
 from models.awd import AWDConfig, AWDStack
 from models.regularizers import embedding_dropout, locked_dropout, weight_dropped
 from tests.conftest import write_corpus
@@ -136,15 +138,16 @@ def test_gru_cell_and_config_validation():
 
 
 def make_trainer(corpus_dir, tmp_path, *flags):
-    args = training.parse_args(awd_main.build_parser(), ["--data", str(corpus_dir), *AWD_FLAGS, *flags])
-    corpus = training.Corpus(args.data)
+    args = training.parse_args(awd_main.build_parser(), ["--data", str(corpus_dir), *AWD_FLAGS, *flags]).args
+    corpus = Corpus(args.data)
     model = models.LanguageModel(awd_main.awd_config(args, len(corpus.dictionary)))
-    return training.LMTrainer(model, corpus, args, torch.device("cpu"), training.Run(tmp_path / "run"))
+    return training.LMTrainer(model, corpus, training.LoopOptions.from_args(args), training.LMOptions.from_args(args),
+                              torch.device("cpu"), training.Run(tmp_path / "run"), args, "main")
 
 
 def test_ar_and_tar_are_added_to_the_cross_entropy(corpus_dir, tmp_path):
     trainer = make_trainer(corpus_dir, tmp_path, "--alpha", "2", "--beta", "1")
-    inputs, targets = training.get_batch(trainer.train_data, 0, 8)
+    inputs, targets = get_batch(trainer.train_data, 0, 8)
     torch.manual_seed(0)
     loss, _, cross_entropy = trainer.compute_loss(inputs, targets)
     torch.manual_seed(0)  # the same dropout masks
@@ -158,7 +161,7 @@ def test_ar_and_tar_are_added_to_the_cross_entropy(corpus_dir, tmp_path):
 
 def test_variable_bptt_lengths_follow_the_reference_distribution():
     np.random.seed(0)
-    lengths = np.array([training.variable_bptt_length(70) for _ in range(20000)])
+    lengths = np.array([variable_bptt_length(70) for _ in range(20000)])
     assert lengths.min() >= 5
     halves = (lengths < 52).mean()  # draws around 35 rather than 70
     assert 0.04 < halves < 0.06
@@ -170,8 +173,8 @@ def test_variable_bptt_scales_the_steps_learning_rate(corpus_dir, tmp_path, monk
     trainer = make_trainer(corpus_dir, tmp_path)
     seen = []
     monkeypatch.setattr(trainer.optimizer, "step", lambda: seen.append(trainer.optimizer.param_groups[0]["lr"]))
-    inputs, targets = training.get_batch(trainer.train_data, 0, 4)  # a window of 4 with --bptt 8
-    trainer.train_step(inputs, targets)
+    inputs, targets = get_batch(trainer.train_data, 0, 4)  # a window of 4 with --bptt 8
+    trainer.train_step((inputs, targets))
     assert seen == [pytest.approx(5 * 4 / 8)]
     assert trainer.optimizer.param_groups[0]["lr"] == 5  # restored after the step
 
@@ -189,19 +192,19 @@ def test_variable_bptt_scales_the_steps_learning_rate(corpus_dir, tmp_path, monk
     ],
 )
 def test_nt_asgd_trigger(history, loss, nonmono, expected):
-    assert training.nt_asgd_triggered(history, loss, nonmono) is expected
+    assert nt_asgd_triggered(history, loss, nonmono) is expected
 
 
 def scripted_validation(monkeypatch, losses):
     """Make `evaluate` return scripted losses during training (the final test evaluation is real)."""
     script = iter(losses)
-    real = training.evaluate
+    real = training.lm.evaluate
 
-    def evaluate(model, source, bptt, max_batches=None):
+    def evaluate(model, source, bptt, max_batches=None, autocast=None):
         value = next(script, None)
         return real(model, source, bptt, max_batches) if value is None else value
 
-    monkeypatch.setattr(training, "evaluate", evaluate)
+    monkeypatch.setattr(training.lm, "evaluate", evaluate)
 
 
 def read_events(run_dir, name):
@@ -297,9 +300,9 @@ def test_pointer_script_matches_the_reference_and_plain_evaluation(corpus_dir, t
                             "--bptt", "40", "--lambdasm", "0.3", "--theta", "0.5", "--threads", "1",
                             "--json", str(tmp_path / "pointer.json")])
     model, _ = training.load_checkpoint(tmp_path / "main" / "best.pt")
-    corpus = training.Corpus(corpus_dir)
+    corpus = Corpus(corpus_dir)
     for split in ("valid", "test"):
-        plain = training.evaluate(model, training.batchify(getattr(corpus, split), 1), bptt=40)
+        plain = training.evaluate(model, batchify(getattr(corpus, split), 1), bptt=40)
         assert results[split]["ppl"] == pytest.approx(training.perplexity(plain), rel=1e-5)
         hidden, targets, log_probs = pointer.forward_split(model, getattr(corpus, split), 40, torch.device("cpu"))
         reference = cache_pointer_ref(hidden, targets, log_probs, 30, 0.5, 0.3)

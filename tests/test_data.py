@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import training.checkpoint
 from data import EOS, Corpus, Dictionary, batchify, get_batch
 from errors import UserInputError
 from tests.conftest import write_corpus
@@ -120,7 +121,7 @@ def test_unwritable_folder_still_loads(tmp_path, monkeypatch, caplog):
     def refuse(obj, path):
         raise PermissionError("read-only")
 
-    monkeypatch.setattr(data, "atomic_torch_save", refuse)
+    monkeypatch.setattr(training.checkpoint, "atomic_save", refuse)
     with caplog.at_level(logging.WARNING):
         corpus = Corpus(folder)
     assert len(corpus.dictionary) == 4 and "without it" in caplog.text

@@ -18,7 +18,7 @@ import copy_task
 import train_nth_farthest
 import training
 from errors import UserInputError
-from task_training import SequenceTaskTrainer, TaskTrainer
+from training import SequenceTaskTrainer, TaskTrainer
 from tasks.copy import CopyTask
 from tasks.curriculum import spread_lengths
 from tasks.nth_farthest import NthFarthest

@@ -14,13 +14,13 @@ import torch
 import adding_task
 import argmax_task
 import copy_task
-import task_training
+import models
 import training
 from errors import UserInputError
 from models.dnc import visualize
 from tasks import adding, argmax, copy
 from tasks.curriculum import Curriculum, example_lengths, spread_lengths
-from training import REPO_ROOT
+from training.checkpoint import REPO_ROOT
 
 SCRIPTS = {"copy": copy_task, "adding": adding_task, "argmax": argmax_task}
 # Tiny sizes for every core; DNC-family flags are ignored by the LSTM.
@@ -223,18 +223,18 @@ def test_tiny_copy_run_learns(tmp_path):
     final, = events(tmp_path / "run", "final")
     assert final["bit_errors"] == result["test"]["bit_errors"] == tests[-1]["bit_errors"]  # the same model and set
     model, checkpoint = training.load_checkpoint(tmp_path / "run" / "best.pt", kind="SequenceModel")
-    assert isinstance(model, task_training.SequenceModel) and checkpoint["train_state"]["best_max_length"] == 3
+    assert isinstance(model, models.SequenceModel) and checkpoint["train_state"]["best_max_length"] == 3
     assert not (tmp_path / "run" / "pictures").exists()  # an LSTM has no memory to draw
 
 
 def test_non_finite_steps_are_skipped_and_logged(tmp_path, monkeypatch):
-    original = task_training.SequenceTaskTrainer.compute_loss
+    original = training.SequenceTaskTrainer.compute_loss
 
     def compute_loss(self, batch):
         loss = original(self, batch)
         return loss * float("nan") if self.state.step + 1 in (2, 3) else loss
 
-    monkeypatch.setattr(task_training.SequenceTaskTrainer, "compute_loss", compute_loss)
+    monkeypatch.setattr(training.SequenceTaskTrainer, "compute_loss", compute_loss)
     result = copy_task.main(["--run-dir", str(tmp_path / "run"), *LSTM, "-iterations", "6", "-check_freq", "6"])
     assert result["step"] == 6 and [e["step"] for e in events(tmp_path / "run", "nonfinite")] == [2, 3]
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["train_state"]["skipped_steps"] == 2
@@ -273,7 +273,7 @@ def test_published_flags_parse():
             "-sparse_reads", "3", "-temporal_reads", "1", "-batch_size", "50", "-optim", "rmsprop",
             "-sequence_max_length", "8", "-curriculum_increment", "1", "-curriculum_freq", "500",
             "-iterations", "10", "-summarize_freq", "5", "-check_freq", "7", "-input_size", "5", "-visdom", "-clip", "9"]
-    args = task_training.parse_sequence_args(copy_task.build_parser(), argv)
+    args = training.parse_sequence_args(copy_task.build_parser(), argv).args
     assert (args.device, args.lr, args.rnn_type, args.model, args.nlayer, args.nhlayer, args.nhid, args.dropouth) == \
         ("cpu", 0.001, "gru", "SAM", 2, 1, 32, 0.1)
     assert (args.mem_slot, args.mem_size, args.read_heads, args.sparse_reads, args.temporal_reads) == (32, 8, 2, 3, 1)
@@ -281,10 +281,10 @@ def test_published_flags_parse():
             args.curriculum_freq) == (50, "rmsprop", 8, 1, 500)
     assert (args.iterations, args.log_interval, args.check_freq, args.input_size, args.visdom, args.clip) == \
         (10, 5, 7, 5, True, 9.0)
-    double = task_training.parse_sequence_args(copy_task.build_parser(), [a.replace("-", "--", 1) if a.startswith("-")
-                                                                          and not a[1].isdigit() else a for a in argv])
+    double = training.parse_sequence_args(copy_task.build_parser(), [a.replace("-", "--", 1) if a.startswith("-")
+                                                                     and not a[1].isdigit() else a for a in argv]).args
     assert vars(double) == vars(args)
-    parse = lambda *argv: task_training.parse_sequence_args(copy_task.build_parser(), list(argv))
+    parse = lambda *argv: training.parse_sequence_args(copy_task.build_parser(), list(argv)).args
     assert parse("--cuda").device == "cuda:0" and parse("-cuda", "1").device == "cuda:1"
     assert parse().device == "auto" and parse().model == "DNC" and parse("--model", "LSTM", "-memory_type", "sam").model == "LSTM"
     defaults = parse()
@@ -296,10 +296,10 @@ def test_published_flags_parse():
 
 
 def test_default_generalisation_lengths_follow_the_curriculum(tmp_path):
-    args = task_training.parse_sequence_args(copy_task.build_parser(), ["-sequence_max_length", "4",
+    args = training.parse_sequence_args(copy_task.build_parser(), ["-sequence_max_length", "4",
                                                                         "-curriculum_increment", "2",
-                                                                        "-curriculum_freq", "10", "-iterations", "30"])
-    assert task_training.default_generalisation_lengths(args) == [10, 20, 50, 100]  # 4 + 2 * 3 = 10 reached
+                                                                   "-curriculum_freq", "10", "-iterations", "30"]).args
+    assert training.default_generalisation_lengths(args) == [10, 20, 50, 100]  # 4 + 2 * 3 = 10 reached
     result = argmax_task.main(["--run-dir", str(tmp_path / "run"), "--dry-run", "--model", "LSTM", *TINY[-6:],
                                "-sequence_max_length", "3", "--test-size", "8"])
     assert set(result["generalisation"]) == {3, 6}  # the two shortest of 3, 6, 15, 30 in a dry run

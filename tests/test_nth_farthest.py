@@ -1,4 +1,4 @@
-"""The N-th farthest task generator and the task training loop (task_training.py) behind its script."""
+"""The N-th farthest task generator and the task training loop (training/tasks.py) behind its script."""
 
 import json
 import os
@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import task_training
+import models
 import training
 import train_nth_farthest
 from errors import UserInputError
 from tasks import nth_farthest
-from training import REPO_ROOT, TrainingError
+from training import TrainingError
+from training.checkpoint import REPO_ROOT
 
 # A 4x4 task and a tiny LSTM: fast on one CPU thread.
 SMOKE = ["--num-vectors", "4", "--vector-size", "4", "--model", "LSTM", "--nhid", "32", "--mlp-sizes", "32",
@@ -125,7 +126,7 @@ def test_4x4_lstm_learns_above_chance(tmp_path):
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"args.json", "log.jsonl", "checkpoint.pt", "best.pt"}
     model, checkpoint = training.load_checkpoint(tmp_path / "run" / "best.pt", kind="TaskModel")
     assert checkpoint["train_state"]["best_accuracy"] == pytest.approx(result["best_accuracy"])
-    assert isinstance(model, task_training.TaskModel) and model.config.mlp_sizes == [64]
+    assert isinstance(model, models.TaskModel) and model.config.mlp_sizes == [64]
 
 
 def test_interrupted_and_resumed_run_is_bitwise_equal(tmp_path):
@@ -151,13 +152,13 @@ def test_resume_rejects_a_changed_task_flag(tmp_path):
 
 
 def nan_loss_at(monkeypatch, steps):
-    original = task_training.TaskTrainer.compute_loss
+    original = training.TaskTrainer.compute_loss
 
     def compute_loss(self, batch):
         loss = original(self, batch)
         return loss * float("nan") if self.state.step + 1 in steps else loss
 
-    monkeypatch.setattr(task_training.TaskTrainer, "compute_loss", compute_loss)
+    monkeypatch.setattr(training.TaskTrainer, "compute_loss", compute_loss)
 
 
 def test_non_finite_loss_is_skipped_reported_and_stops_when_persistent(tmp_path, monkeypatch, capsys):
@@ -198,14 +199,14 @@ def test_bad_flag_is_one_line_on_the_command_line(tmp_path):
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, monkeypatch):
-    original = task_training.TaskTrainer.train_step
+    original = training.TaskTrainer.train_step
 
-    def train_step(self):
+    def train_step(self, batch):
         if self.state.step == 3:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self)
+        return original(self, batch)
 
-    monkeypatch.setattr(task_training.TaskTrainer, "train_step", train_step)
+    monkeypatch.setattr(training.TaskTrainer, "train_step", train_step)
     result = run(tmp_path / "run", "--iterations", "10")
     assert result["stopped"] == "interrupt" and result["step"] == 4
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["train_state"]["step"] == 4

@@ -173,3 +173,45 @@ class VisdomBoard:
                       update="append" if self.loss_started else None,
                       opts=dict(title="training loss", xlabel="iteration", ylabel="loss", showlegend=True))
         self.loss_started = True
+
+
+class MemoryPictures:
+    """The sequence-task loop's summary callback: a memory core's state on one example, drawn as heatmaps
+    into the run folder's pictures/step-NNNNNNN.png (with the arrays as .npz) and, with a board, into Visdom
+    with the loss curve. Cores without a memory view get the loss curve only.
+
+    Build it with `from_args` (-visdom, --visdom-server, --visdom-port, --visdom-env); the loop calls it
+    on rank 0 after each training log line.
+    """
+
+    def __init__(self, board: VisdomBoard | None = None):
+        self.board = board
+
+    @classmethod
+    def from_args(cls, args, script: str) -> "MemoryPictures":
+        """With -visdom, connected to the server (raises VisdomUnavailable when none answers)."""
+        if not args.visdom:
+            return cls()
+        return cls(VisdomBoard(args.visdom_server, args.visdom_port, args.visdom_env or script))
+
+    def __call__(self, step: int, loss: float, model, batch, run) -> None:
+        import torch
+
+        maps: dict[str, Heatmap] = {}
+        if model.has_memory_view and batch is not None:
+            model.eval()
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                _, debug = model.debug_forward(batch.inputs[:, :1].to(device))
+            maps = heatmaps(debug)
+        if maps:
+            save_png(maps, run.path / "pictures" / f"step-{step:07d}.png",
+                     title=f"{model.config.core} memory, batch element 0 (step {step}, "
+                           f"length {int(batch.lengths[0])}, loss {loss:.4f})")
+        if self.board is not None:
+            try:
+                self.board.loss(step, loss)
+                self.board.heatmaps(maps, f"@ {step}")
+            except OSError as error:  # the viewer going away must not end the training run
+                run.print(f"| visdom: lost the server ({error}); pictures still go to {run.path / 'pictures'}")
+                self.board = None
