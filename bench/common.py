@@ -49,3 +49,30 @@ def write_results(path: Path | None, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"wrote {path}")
+
+
+RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
+LAST_SECTION = "## Not measured yet: GPU figures"  # stays the last section of RESULTS.md
+
+
+def write_results_section(title: str, body: str, path: Path = RESULTS_PATH) -> None:
+    """Replace the section `## {title}` of RESULTS.md (up to the next `## ` heading) with `body`.
+
+    A missing section is added before the closing "not measured yet" section, or at the end.
+    """
+    heading = f"## {title}"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = f"{heading}\n\n{body.rstrip()}\n\n"
+    lines = text.splitlines(keepends=True)
+    starts = [index for index, line in enumerate(lines) if line.rstrip("\n") == heading]
+    if starts:
+        start = starts[0]
+        end = next((index for index in range(start + 1, len(lines)) if lines[index].startswith("## ")), len(lines))
+        lines[start:end] = [section]
+    else:
+        at = next((index for index, line in enumerate(lines) if line.startswith(LAST_SECTION)), len(lines))
+        if at == len(lines) and lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines[at:at] = [section if at < len(lines) else "\n" + section]
+    path.write_text("".join(lines).rstrip("\n") + "\n")
+    print(f"wrote the section '{heading}' of {path}")

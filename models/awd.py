@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from models.core import Core, add_argument_once, add_stack_args, register_core, stack_dropout
+from models.core import (Core, add_argument_once, add_stack_args, lstm_off_cpu_fp16, register_core,
+                         stack_dropout)
 from models.regularizers import locked_dropout, weight_dropped
 from models.qrnn import QRNNLayer
 from models.rnn import GRUState, LSTMState
@@ -130,7 +131,10 @@ class AWDStack(Core):
                 x, layer_state = functional_call(layer, {self.dropped_name: dropped}, (x, layer_state))
             else:
                 hidden = tuple(layer_state) if len(layer_state) > 1 else layer_state[0]
-                x, hidden = functional_call(layer, {self.dropped_name: dropped}, (x, hidden))
+                def run(x: torch.Tensor, layer=layer, dropped=dropped, hidden=hidden) -> Any:
+                    return functional_call(layer, {self.dropped_name: dropped}, (x, hidden))
+
+                x, hidden = lstm_off_cpu_fp16(run, x) if self.config.cell == "LSTM" else run(x)
                 layer_state = self.state_class(*hidden) if isinstance(hidden, tuple) else self.state_class(hidden)
             new_state.append(layer_state)
             if index < len(self.layers) - 1:

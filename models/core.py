@@ -152,3 +152,20 @@ def state_from_tensors(template: State, tensors: list[torch.Tensor]) -> State:
         return tensor.to(like.device, like.dtype)
 
     return map_state(fill, template)
+
+
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype of CPU autocast when it is on, else None (torch 2.4+ and older spellings)."""
+    try:
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    except TypeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
+def lstm_off_cpu_fp16(run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+    """`run(x)` for a fused LSTM call; under CPU autocast in fp16 it runs in fp32 with autocast off, since
+    oneDNN (PyTorch's CPU LSTM kernel) has no fp16 LSTM. bf16, and every GPU precision, pass through."""
+    if x.device.type == "cpu" and _cpu_autocast_dtype() == torch.float16:
+        with torch.autocast("cpu", enabled=False):
+            return run(x.float())
+    return run(x)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.core import Core, add_argument_once, add_stack_args, register_core, stack_dropout
+from models.core import (Core, add_argument_once, add_stack_args, lstm_off_cpu_fp16, register_core,
+                         stack_dropout)
 
 IMPLEMENTATIONS = ("fused", "loop")
 
@@ -170,7 +171,7 @@ class LSTM(_StackedRNN):
         return LSTMState(self._zeros(batch_size, device), self._zeros(batch_size, device))
 
     def _forward_fused(self, x: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
-        output, (h, c) = self.rnn(x, (state.h.contiguous(), state.c.contiguous()))
+        output, (h, c) = lstm_off_cpu_fp16(lambda x: self.rnn(x, (state.h.contiguous(), state.c.contiguous())), x)
         return output, LSTMState(h, c)
 
     def _forward_loop(self, x: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.core import Core, State, add_argument_once, add_stack_args, map_state, register_core
+from models.core import (Core, State, add_argument_once, add_stack_args, lstm_off_cpu_fp16, map_state,
+                         register_core)
 from models.rnn import IMPLEMENTATIONS
 
 WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # one layer of nn.LSTM & co., in their order
@@ -316,7 +317,7 @@ def _run_fused(steps: list[StandardStep], x: torch.Tensor, states: list[State], 
     kernel = steps[0].kernel
     if kernel is torch.lstm:
         hx = (torch.stack([state.h for state in states]), torch.stack([state.c for state in states]))  # 2 x [L, B, H]
-        output, h, c = kernel(x, hx, weights, *options)
+        output, h, c = lstm_off_cpu_fp16(lambda x: kernel(x, hx, weights, *options), x)
         return output, [LSTMCellState(h_l, c_l) for h_l, c_l in zip(h.unbind(0), c.unbind(0))]
     output, h = kernel(x, torch.stack(list(states)), weights, *options)  # L x [B, H] -> [L, B, H]
     return output, list(h.unbind(0))

@@ -175,3 +175,23 @@ def test_state_round_trips_through_plain_tensors():
     assert isinstance(restored, models.LSTMState) and torch.equal(restored.c, state.c)
     with pytest.raises(ValueError, match="tensors"):
         state_from_tensors(template, state_tensors(state)[:1])
+
+
+@pytest.mark.parametrize("name, flags", [("LSTM", []), ("AWD", ["--awd-cell", "LSTM", "--wdrop", "0"]),
+                                         ("RNNLIB", ["--cell", "lstm"])])
+def test_fused_lstm_runs_in_fp32_under_cpu_fp16_autocast(name, flags):
+    """oneDNN has no fp16 LSTM: under `--precision fp16` on the CPU the fused LSTM call runs in fp32."""
+    import argparse
+
+    from models.core import build_core, get_core_class
+
+    parser = argparse.ArgumentParser()
+    get_core_class(name).add_args(parser)
+    args = parser.parse_args(["--nhid", "6", "--nlayers", "2", *flags])
+    torch.manual_seed(0)
+    core = build_core(name, get_core_class(name).config_from_args(args, 5)).eval()
+    x = torch.randn(7, 3, 5)
+    expected, _ = core(x, core.initial_state(3))
+    with torch.autocast("cpu", dtype=torch.float16):
+        output, state = core(x, core.initial_state(3))
+    assert torch.equal(output.float(), expected)

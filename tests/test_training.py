@@ -3,12 +3,15 @@
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
 
 import train_rnn
 import training
+import training.lm
+import training.loop
 from data import Corpus, batchify
 from errors import UserInputError
 from tests.conftest import TINY_LM_FLAGS, write_corpus
@@ -275,3 +278,64 @@ def test_cuda_request_without_cuda_is_a_clear_error():
     flags = training.parse_args(train_rnn.build_parser(), ["--cuda"])
     with pytest.raises(UserInputError, match="CUDA is not available"):
         training.resolve_device(flags.args)
+
+
+# --------------------------------------------------------------------------- precision, device-side decisions, timing
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_lm_learns_like_fp32_and_resumes(corpus_dir, tmp_path, precision):
+    full = run(corpus_dir, tmp_path / "fp32", "--epochs", "3", "--lr", "0.02")
+    mixed = run(corpus_dir, tmp_path / precision, "--epochs", "3", "--lr", "0.02", "--precision", precision)
+    valid = [e["loss"] for e in read_log(tmp_path / precision) if e["event"] == "valid"]
+    assert valid[-1] < valid[0] < torch.log(torch.tensor(41.0)).item()  # learns, below uniform
+    assert mixed["valid_loss"] == pytest.approx(full["valid_loss"], rel=0.03)  # within 3 % of fp32's loss
+    assert json.loads((tmp_path / precision / "args.json").read_text())["args"]["precision"] == precision
+    run(corpus_dir, tmp_path / "parts", "--epochs", "3", "--lr", "0.02", "--precision", precision, "--max-steps", "9")
+    with pytest.raises(UserInputError, match="--precision fp32 differs from the checkpoint's"):
+        train_rnn.main(["--resume", str(tmp_path / "parts"), "--precision", "fp32"])
+    train_rnn.main(["--resume", str(tmp_path / "parts")])
+    assert_same_weights(weights(tmp_path / precision / "checkpoint.pt"), weights(tmp_path / "parts" / "checkpoint.pt"))
+
+
+def test_device_side_decisions_give_the_host_sides_run(corpus_dir, tmp_path, monkeypatch):
+    """The GPU's rule (skips decided on the device, fused SGD, read at log lines), run on the CPU."""
+    nan_loss_at(monkeypatch, {3, 4})
+    host = run(corpus_dir, tmp_path / "host")
+    monkeypatch.setattr(training.loop, "decide_on_device", lambda device: True)
+    device = run(corpus_dir, tmp_path / "device")
+    assert [e["step"] for e in read_log(tmp_path / "device") if e["event"] == "nonfinite"] == [3, 4]
+    a, b = weights(tmp_path / "host" / "checkpoint.pt"), weights(tmp_path / "device" / "checkpoint.pt")
+    for key in a:  # the hidden state was reset on the device as on the host: the runs agree throughout
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key
+    assert device["test_loss"] == pytest.approx(host["test_loss"], rel=1e-5)
+
+
+def test_log_lines_time_training_only_across_epochs_and_epochs_are_timed(corpus_dir, tmp_path, monkeypatch, capsys):
+    """An interval that spans an epoch's end counts its batches' time, not the validation's."""
+    real = training.lm.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training.lm, "evaluate", slow_evaluate)
+    batches = len(range(0, batchify(Corpus(corpus_dir).train, 4).size(0) - 1, 8))
+    interval = batches // 2 + 3  # the second log line spans the end of epoch 1
+    run(corpus_dir, tmp_path / "run", "--epochs", "2", "--log-interval", str(interval))
+    train = [e for e in read_log(tmp_path / "run") if e["event"] == "train"]
+    spanning = next(e for e in train if e["epoch"] == 2)
+    assert spanning["ms_per_batch"] * interval < 250  # 0.5 s of validation would be 500 ms over the interval
+    valid = [e for e in read_log(tmp_path / "run") if e["event"] == "valid"]
+    assert all(e["epoch_seconds"] >= e["seconds"] >= 0.5 for e in valid)
+    assert capsys.readouterr().out.count("| end of epoch") == 2
+
+
+def test_allocator_keeps_freed_memory_unless_the_environment_says_otherwise(monkeypatch):
+    from training.run import keep_freed_memory
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert keep_freed_memory() is False  # the user's setting wins
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert keep_freed_memory() is True  # glibc on this Linux machine
