@@ -269,6 +269,19 @@ def test_finetune_continues_main_with_asgd_and_stops_by_the_same_rule(corpus_dir
     assert all(torch.equal(start[key], best[key]) for key in start)
 
 
+def test_resumed_finetune_keeps_its_stopping_rule(corpus_dir, tmp_path, monkeypatch):
+    awd_main.main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "main"), *AWD_FLAGS, "--epochs", "1"])
+    scripted_validation(monkeypatch, [3.0, 5.0, 4.0])  # the start, epochs 1 and 2: no trigger yet
+    first = finetune.main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "ft"), *AWD_FLAGS,
+                           "--checkpoint", str(tmp_path / "main"), "--epochs", "2", "--nonmono", "1"])
+    assert first["stopped"] is None
+    assert torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["train_state"]["finetune"] is True
+    scripted_validation(monkeypatch, [4.5, 4.6])  # epoch 4 is worse than the best but the last
+    resumed = finetune.main(["--resume", str(tmp_path / "ft"), "--epochs", "10"])
+    assert resumed["stopped"] == "converged"
+    assert [e["epoch"] for e in read_events(tmp_path / "ft", "valid")] == [0, 1, 2, 3, 4]
+
+
 def test_finetune_needs_a_checkpoint(corpus_dir):
     with pytest.raises(training.UserInputError, match="--checkpoint"):
         finetune.main(["--data", str(corpus_dir)])

@@ -257,9 +257,19 @@ def test_plateau_schedule_halves_the_rate_and_can_be_turned_off(corpus_dir, tmp_
     assert {e["lr"] for e in read_log(tmp_path / "flat") if e["event"] == "valid"} == {1e-7}
 
 
+def test_plateau_threshold_defaults_follow_each_recipe():
+    import main as awd_main
+    import train_rmc
+
+    # the seed's train_rnn.py / train_rmc.py build ReduceLROnPlateau with its default threshold
+    assert train_rnn.build_parser().parse_args([]).plateau_threshold == 1e-4
+    assert train_rmc.build_parser().parse_args([]).plateau_threshold == 1e-4
+    assert awd_main.build_parser().parse_args([]).plateau_threshold == 0.0  # (AWD-LSTM: NT-ASGD, no plateau)
+
+
 def test_plateau_threshold_zero_counts_any_improvement(corpus_dir, tmp_path):
-    # the LM scripts' default, as the original LM scripts: the tiny improvements above keep the rate
-    run(corpus_dir, tmp_path / "any", "--epochs", "3", "--lr", "1e-7", "--patience", "0")
+    # as pytorch/examples and AWD-LSTM count: the tiny improvements above keep the rate
+    run(corpus_dir, tmp_path / "any", "--epochs", "3", "--lr", "1e-7", "--patience", "0", "--plateau-threshold", "0")
     valid = [e for e in read_log(tmp_path / "any") if e["event"] == "valid"]
     assert valid[2]["loss"] < valid[1]["loss"] < valid[0]["loss"]  # each by under 1e-4 relative
     assert valid[0]["loss"] - valid[2]["loss"] < 1e-4 * valid[0]["loss"]
