@@ -20,7 +20,9 @@ Cases (`--cases`, default all):
   AR/TAR alpha 2 / beta 1, SGD lr 30, wdecay 1.2e-6) with `--batch_size 20 --bptt 70
   --no-variable-bptt`, so both loops see the same windows;
 - `allocator`: `training.run.keep_freed_memory()` (the glibc set-up the scripts call at start-up)
-  on and off, CPU only: the `lstm200` case run in child processes (`--allocator keep|default`,
+  on and off, CPU only (the trainer calls it on the CPU; a `default` child replaces it with a no-op,
+  since setting glibc's MALLOC_* variables would also turn off glibc's dynamic mmap threshold): the
+  `lstm200` case run in child processes (`--allocator keep|default`,
   alternately, `--allocator-runs` each), ms/batch and minor page faults per batch
   (`getrusage(RUSAGE_SELF).ru_minflt` deltas over the timed blocks). This process itself calls
   `keep_freed_memory()` as the scripts do (unless `--allocator default`).
@@ -41,7 +43,7 @@ line (per batch = difference / S; goal 0), with the lines that caused them; and 
 
 Run from the repository root:
 
-    python bench/bench_loop.py --threads 1                        # all cases on CPU (~15 min)
+    python bench/bench_loop.py --threads 1                        # all cases on CPU (~7 min)
     python bench/bench_loop.py --cases lstm200 --rounds 9 --json bench/out/loop.json
     python bench/bench_loop.py --device cuda --precision fp32 bf16 --batches 100
     python bench/bench_loop.py --cases lstm200 --profile cprofile   # where a block's time goes
@@ -83,6 +85,7 @@ import main as awd_main  # noqa: E402
 import models  # noqa: E402
 import train_rnn  # noqa: E402
 import training  # noqa: E402
+import training.loop  # noqa: E402
 from bench.common import machine_info, synchronize, write_results, write_results_section  # noqa: E402
 from data import Corpus, batchify, get_batch  # noqa: E402
 from models.core import detach_state  # noqa: E402
@@ -155,7 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("CUDA is not available on this machine; use --device cpu")
     if args.device.type == "cpu" and args.precision != ["fp32"]:
         print("note: bf16 autocast on the CPU times the CPU's bf16 kernels, not a GPU's", file=sys.stderr)
-    if not (args.data / "train.txt").is_file() and any(case in MODEL_CASES + ("allocator",) for case in args.cases):
+    if not (args.data / "train.txt").is_file():
         parser.error(f"no Penn Treebank in {args.data}: run `bash getdata.sh penn` or pass --data DIR")
     return args
 
@@ -165,7 +168,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def case_argv(case: str, precision: str, args: argparse.Namespace) -> list[str]:
     """The project's flags for `case` (parsed by train_rnn.py's or main.py's parser)."""
-    common = ["--data", str(args.data), "--device", str(args.device), "--threads", str(args.threads),
+    data = os.path.relpath(args.data.resolve(), REPO_ROOT)  # only shown: the trainers get the corpus itself
+    common = ["--data", data, "--device", str(args.device), "--threads", str(args.threads),
               "--precision", precision, "--log-interval", str(args.log_interval), "--seed", str(args.seed),
               "--batch_size", "20"]
     if case == "awd":  # main.py's defaults otherwise (AR/TAR 2 / 1, weight drop 0.5, lr 30, wdecay 1.2e-6)
@@ -368,7 +372,7 @@ def profile_block(loop: Loop, batches: int, kind: str, device: torch.device) -> 
     with torch.profiler.profile(activities=activities) as profiler:
         loop.run(batches)
         synchronize(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return profiler.key_averages().table(sort_by=sort, row_limit=18)
 
 
@@ -498,15 +502,18 @@ def run_allocator_case(args: argparse.Namespace) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"{'case':<8} {'prec':<5} {'K':>3} {'project ms':>10} {'plain ms':>9} {'proj/plain':>10} {'per round':>11} "
-              f"{'min proj':>9} {'min plain':>9} {'min ratio':>9} {'proj tok/s':>10} {'faults/batch p/p':>17}")
+    header = (f"{'case':<8} {'prec':<5} {'K':>3} {'project ms':>10} {'plain ms':>9} {'proj/plain':>10} "
+              f"{'per round':>11} {'min proj':>9} {'min plain':>9} {'min ratio':>9} {'proj tok/s':>10} "
+              f"{'faults/batch p/p':>17}")
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
             f"{row['case']:<8} {row['precision']:<5} {row['batches']:>3} {row['project_ms']:>10.1f} "
-            f"{row['plain_ms']:>9.1f} {row['ratio']:>10.3f} {row['round_ratio_min']:>5.2f}-{row['round_ratio_max']:.2f} "
+            f"{row['plain_ms']:>9.1f} {row['ratio']:>10.3f} "
+            f"{row['round_ratio_min']:>5.2f}-{row['round_ratio_max']:.2f} "
             f"{row['project_min_ms']:>9.1f} {row['plain_min_ms']:>9.1f} {row['min_ratio']:>9.3f} "
-            f"{row['project_tokens_per_s']:>10.0f} {row['project_faults_per_batch']:>8.0f}/{row['plain_faults_per_batch']:<8.0f}")
+            f"{row['project_tokens_per_s']:>10.0f} "
+            f"{row['project_faults_per_batch']:>8.0f}/{row['plain_faults_per_batch']:<8.0f}")
     return "\n".join(lines)
 
 
@@ -588,7 +595,11 @@ def markdown_section(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    set_up = keep_freed_memory() if args.allocator == "keep" else False
+    if args.allocator == "keep":
+        set_up = keep_freed_memory()
+    else:  # glibc's own settings: the trainer's call (training.loop) does nothing in this process
+        set_up = False
+        training.loop.keep_freed_memory = lambda: False
     torch.set_num_threads(args.threads)
     machine = machine_info(args.device)
     load_start = os.getloadavg()[0]
@@ -611,11 +622,13 @@ def main(argv: list[str] | None = None) -> dict:
         print("ms per batch; medians of the timed rounds (min: fastest block); proj/plain = ratio of the medians "
               "(target <= 1.00); per round: that ratio within single rounds; faults: minor page faults per batch")
         for row in results["results"]:
-            print(f"  {row['case']} {row['precision']}: one train_period call with no batch costs {row['period_ms']:.2f} ms")
+            print(f"  {row['case']} {row['precision']}: one train_period call with no batch costs "
+                  f"{row['period_ms']:.2f} ms")
         results["precision_summary"] = precision_summary(results["results"])
         for summary in results["precision_summary"]:
             print(f"tokens/s of the project loop, {summary['case']}: " + ", ".join(
-                f"{name} {value:,.0f} ({summary['speed_up'][name]:.2f}x)" for name, value in summary["tokens_per_s"].items()))
+                f"{name} {value:,.0f} ({summary['speed_up'][name]:.2f}x)"
+                for name, value in summary["tokens_per_s"].items()))
         if args.device.type != "cuda":
             print("host syncs per batch: CUDA only, skipped on the CPU")
     if "allocator" in args.cases:

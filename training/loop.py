@@ -175,6 +175,8 @@ class Trainer:
                  args: argparse.Namespace, script: str):
         self.model, self.options, self.device, self.run, self.args, self.script = (
             model, options, device, run, args, script)
+        if device.type == "cpu":
+            keep_freed_memory()  # each step's large buffers stay mapped (see its docstring)
         self.sync_free = decide_on_device(device) if options.sync_free is None else options.sync_free
         self.precision = Precision(options.precision, device)
         self.optimizer = self.make_optimizer(options.optimizer)
@@ -519,13 +521,12 @@ class Trainer:
 
 def prepare(flags: Flags, kind: str, check: Callable[[argparse.Namespace], None]
             ) -> tuple[argparse.Namespace, dict | None, torch.device]:
-    """(args, checkpoint or None, device): --resume merged and checked, flags validated, threads and
-    allocator set, the device chosen (under torchrun cuda:LOCAL_RANK for a CUDA request)."""
+    """(args, checkpoint or None, device): --resume merged and checked, flags validated, threads set,
+    the device chosen (under torchrun cuda:LOCAL_RANK for a CUDA request)."""
     args, checkpoint = open_resume(flags, kind)
     check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory()
     return args, checkpoint, distributed.device(resolve_device(args))
 
 
