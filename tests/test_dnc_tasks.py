@@ -16,6 +16,7 @@ import argmax_task
 import copy_task
 import models
 import training
+import training.loop
 from errors import UserInputError
 from models.dnc import visualize
 from tasks import adding, argmax, copy
@@ -385,3 +386,35 @@ def test_large_memories_are_drawn_in_their_first_slots():
     assert maps["link_matrix"].values.shape == (visualize.MAX_SLOTS, visualize.MAX_SLOTS)
     assert maps["read_weights"].values.shape == (2, 2 * visualize.MAX_SLOTS)  # 2 heads
     assert maps["write_weights"].values.shape == maps["usage"].values.shape == (2, visualize.MAX_SLOTS)
+
+
+@pytest.mark.parametrize("core, fused", [("DNC", True), ("SAM", False)])
+def test_device_side_decisions_and_bf16_in_the_sequence_loop(tmp_path, monkeypatch, core, fused):
+    """The GPU's rule (skips decided on the device, reads at log lines) gives the CPU's run; bf16 trains.
+
+    The DNC runs with fused Adam (its kernel skips the NaN step), which rounds differently from the
+    for-loop Adam: equal to 1e-5. SAM's top-K reads turn such roundings into other rows read, so it
+    runs the other device-side path (the update undone with torch.where), which must be bitwise equal.
+    """
+    flags = ["--model", core, *TINY, "-iterations", "6", "-check_freq", "3", "-summarize_freq", "2", "-lr", "1e-3"]
+    original = training.SequenceTaskTrainer.compute_loss
+
+    def compute_loss(self, batch):  # a NaN at step 4: skipped, logged, and the weights keep their values
+        loss = original(self, batch)
+        return loss * float("nan") if self.state.step + 1 == 4 else loss
+
+    monkeypatch.setattr(training.SequenceTaskTrainer, "compute_loss", compute_loss)
+    host = copy_task.main(["--run-dir", str(tmp_path / "host"), *flags])
+    monkeypatch.setattr(training.loop, "decide_on_device", lambda device: True)
+    if not fused:
+        monkeypatch.setattr(training.loop, "FUSED", ())
+    device = copy_task.main(["--run-dir", str(tmp_path / "device"), *flags])
+    assert [e["step"] for e in events(tmp_path / "device", "nonfinite")] == [4]
+    a = torch.load(tmp_path / "host" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "device" / "checkpoint.pt", weights_only=True)["model"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6) if fused else torch.equal(a[key], b[key]), key
+    assert device["test"]["loss"] == pytest.approx(host["test"]["loss"], rel=1e-5)
+    monkeypatch.undo()
+    bf16 = copy_task.main(["--run-dir", str(tmp_path / "bf16"), *flags, "--precision", "bf16"])
+    assert math.isfinite(bf16["test"]["loss"]) and bf16["test"]["loss"] == pytest.approx(host["test"]["loss"], rel=0.05)
