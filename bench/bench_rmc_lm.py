@@ -9,13 +9,20 @@ per-step loop over the same weights, when `--with-reference`); figures are media
 the ratios are measured side by side. Targets (RMC issue): RMC/LSTM at most 2.0 at batch
 8 and at most 1.3 at batch 64.
 
+`--compiled` adds the RMC LM with its step through `torch.compile` (`RMCCore.compile_steps`, what
+`--compile` turns on in the scripts; on by default with CUDA) beside the eager one, and prints
+compiled/eager and compiled RMC/LSTM (issue targets on an H100/H200, forward at batch 64: at most 1.5;
+forward+backward at batch 8 / 64: at most 2.0). The warm-up rounds include the compilation.
+
     python bench/bench_rmc_lm.py
     python bench/bench_rmc_lm.py --with-reference --batch-sizes 8
+    python bench/bench_rmc_lm.py --device cuda --compiled --warmup 3 --repeats 20
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import sys
@@ -45,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also time the RMC's plain per-step reference implementation")
     parser.add_argument("--forward-only", dest="forward_only", action="store_true",
                         help="time the forward pass under no_grad instead of forward+backward")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time the RMC LM with its step through torch.compile")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
@@ -84,6 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [("lstm", lms["lstm"], None), ("rmc", lms["rmc"], "fast")]
     if args.with_reference:
         variants.append(("rmc-reference", lms["rmc"], "reference"))
+    if args.compiled:
+        compiled = copy.deepcopy(lms["rmc"])
+        assert compiled.core.compile_steps()
+        variants.append(("rmc-compiled", compiled, None))
     machine = machine_info(device)
     print(f"machine: {machine['cpu']}, {machine['threads']} torch threads, torch {machine['torch']}, "
           f"device {machine.get('gpu', machine['device'])}")
@@ -110,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         row["round_ratio_min"], row["round_ratio_max"] = min(round_ratios), max(round_ratios)
         if args.with_reference:
             row["reference_over_fast"] = row["rmc-reference_ms"] / row["rmc_ms"]
+        if args.compiled:
+            row["compiled_over_eager"] = row["rmc-compiled_ms"] / row["rmc_ms"]
+            row["compiled_over_lstm"] = row["rmc-compiled_ms"] / row["lstm_ms"]
         rows.append(row)
         print(f"  done: batch {batch_size}", file=sys.stderr, flush=True)
     pass_name = "forward" if args.forward_only else "forward+backward"
@@ -119,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"RMC/LSTM {row['rmc_over_lstm']:.2f} (per round {row['round_ratio_min']:.2f}-{row['round_ratio_max']:.2f})")
         if args.with_reference:
             line += f" | RMC reference {row['rmc-reference_ms']:8.1f} ms ({row['reference_over_fast']:.2f}x the fast one)"
+        if args.compiled:
+            line += (f" | RMC compiled {row['rmc-compiled_ms']:8.1f} ms: {row['compiled_over_eager']:.2f}x eager, "
+                     f"{row['compiled_over_lstm']:.2f}x the LSTM")
         print(line)
     results = {"benchmark": "rmc_lm", "machine": machine, "pass": pass_name, "config": vars(args) | {"json": None},
                "results": rows}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import weakref
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -45,6 +46,11 @@ class Core(nn.Module):
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
+
+    def compile_steps(self) -> bool:
+        """From now on run the per-step work through `torch.compile` (`compiled`); returns whether this core
+        has such a path. Cores that run whole sequences through fused kernels (cuDNN, QRNN) have none."""
+        return False
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -169,3 +175,20 @@ def lstm_off_cpu_fp16(run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> An
         with torch.autocast("cpu", enabled=False):
             return run(x.float())
     return run(x)
+
+
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict[str, Callable]]" = weakref.WeakKeyDictionary()
+
+
+def compiled(module: nn.Module, name: str, function: Callable) -> Callable:
+    """`torch.compile(function)` for `module`, made once per module and `name` and kept beside it.
+
+    `function` is one of `module`'s bound methods (a per-step function). The compiled function is
+    kept in a weak table rather than on the module, so a copy of the module (`copy.deepcopy`)
+    compiles its own instead of calling the original's weights. Shapes are static: each new shape
+    (e.g. the last, shorter window's batch) compiles once more.
+    """
+    functions = _COMPILED.setdefault(module, {})
+    if name not in functions:
+        functions[name] = torch.compile(function, dynamic=False)
+    return functions[name]

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.core import Core, add_argument_once, register_core
+from models.core import Core, add_argument_once, compiled, register_core
 
 GATE_STYLES = ("unit", "memory", None)
 IMPLEMENTATIONS = ("fast", "reference")
@@ -183,6 +183,12 @@ class RMCCore(Core):
         else:  # constants, as in Sonnet
             self.forget_bias = float(config.forget_bias)
             self.input_bias = float(config.input_bias)
+        self.compile_step = False  # the fast path's step through torch.compile (`compile_steps`)
+
+    def compile_steps(self) -> bool:
+        """The fast path's per-step function through `torch.compile` (the reference stays eager)."""
+        self.compile_step = self.config.implementation == "fast"
+        return self.compile_step
 
     @classmethod
     def from_config(cls, config: RMCConfig) -> "RMCCore":
@@ -320,11 +326,36 @@ class RMCCore(Core):
         norm = block.mlp_norm
         return F.layer_norm(z + self._mlp(z), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
+    def _step_fast(self, memory: torch.Tensor, input_qkv: torch.Tensor, u: torch.Tensor,
+                   gate_input: torch.Tensor | None) -> torch.Tensor:
+        """One step of the fast path: M_{t-1} [B, N, d] and the step's hoisted input terms (the first block's
+        LN(qkv) of the input rows [B, R, P], the input rows u_t [B, R, d], the gates' input term
+        [B, 1, 2G] or None) -> M_t [B, N, d]. A function of its own, so that `compile_steps` can compile it."""
+        slots, blocks = self.mem_slots, self.blocks
+        last = len(blocks) - 1
+        # Block 1: only the memory rows need a qkv projection; the input rows' is precomputed.
+        qkv = torch.cat([self._qkv_fast(memory, blocks[0]), input_qkv], dim=1)  # [B, N + R, P]
+        if last == 0:
+            # The only block is the last: update the memory rows only (the input rows are dropped).
+            z = self._residual_fast(memory, self._attend_fast(qkv, slots), blocks[0])  # [B, N, d]
+        else:
+            z = torch.cat([memory, u], dim=1)  # Z^0 = [M; u_t], [B, N + R, d]
+            z = self._residual_fast(z, self._attend_fast(qkv, z.size(1)), blocks[0])
+            for index in range(1, last + 1):
+                qkv = self._qkv_fast(z, blocks[index])  # [B, N + R, P]
+                rows = slots if index == last else z.size(1)
+                z = self._residual_fast(z[:, :rows], self._attend_fast(qkv, rows), blocks[index])
+        # z is now M~ [B, N, d] (the input rows were never computed in the last block).
+        if gate_input is None:
+            return z
+        gates = torch.sigmoid(gate_input + F.linear(torch.tanh(memory), self.memory_gate_projector.weight))  # [B, N, 2G]
+        input_gate, forget_gate = gates.chunk(2, dim=-1)  # 2 x [B, N, G]
+        return torch.addcmul(forget_gate * memory, input_gate, torch.tanh(z))  # I * tanh(M~) + F * M
+
     def _forward_fast(self, x: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, B, R, D], memory [B, N, d] -> y [T, B, N * d], final memory [B, N, d]."""
         steps, batch = x.size(0), x.size(1)
         slots, blocks = self.mem_slots, list(self.blocks)
-        last = len(blocks) - 1
         # Input-only terms for all T steps at once (one large matmul each instead of T small ones).
         u = self.input_projector(x)  # [T, B, R, d]
         input_qkv = self._qkv_fast(u, blocks[0])  # the first block's LN(qkv) of the input rows, [T, B, R, P]
@@ -336,33 +367,16 @@ class RMCCore(Core):
             bias = torch.cat([input_gate_bias + self.input_bias, forget_gate_bias + self.forget_bias])
             gate_inputs = F.linear(u.flatten(2), self.input_gate_projector.weight, bias)  # [T, B, R * d] -> [T, B, 2G]
             gate_inputs = gate_inputs.unsqueeze(2)  # [T, B, 1, 2G], broadcast over the slots
-            gate_weight = self.memory_gate_projector.weight
         # unbind, not indexing per step: the backward of `tensor[step]` fills a zero [T, ...] gradient
         # at every step (half the time of a naive loop); unbind's backward stacks the T pieces once.
         input_qkv_steps = input_qkv.unbind(0)  # T x [B, R, P]
         u_steps = u.unbind(0)  # T x [B, R, d]
         gate_input_steps = gate_inputs.unbind(0) if gated else None  # T x [B, 1, 2G]
+        step_fn = compiled(self, "step", self._step_fast) if self.compile_step else self._step_fast
         outputs = []
         for step in range(steps):
-            # Block 1: only the memory rows need a qkv projection; the input rows' is precomputed.
-            qkv = torch.cat([self._qkv_fast(memory, blocks[0]), input_qkv_steps[step]], dim=1)  # [B, N + R, P]
-            if last == 0:
-                # The only block is the last: update the memory rows only (the input rows are dropped).
-                z = self._residual_fast(memory, self._attend_fast(qkv, slots), blocks[0])  # [B, N, d]
-            else:
-                z = torch.cat([memory, u_steps[step]], dim=1)  # Z^0 = [M; u_t], [B, N + R, d]
-                z = self._residual_fast(z, self._attend_fast(qkv, z.size(1)), blocks[0])
-                for index in range(1, last + 1):
-                    qkv = self._qkv_fast(z, blocks[index])  # [B, N + R, P]
-                    rows = slots if index == last else z.size(1)
-                    z = self._residual_fast(z[:, :rows], self._attend_fast(qkv, rows), blocks[index])
-            # z is now M~ [B, N, d] (the input rows were never computed in the last block).
-            if gated:
-                gates = torch.sigmoid(gate_input_steps[step] + F.linear(torch.tanh(memory), gate_weight))  # [B, N, 2G]
-                input_gate, forget_gate = gates.chunk(2, dim=-1)  # 2 x [B, N, G]
-                memory = torch.addcmul(forget_gate * memory, input_gate, torch.tanh(z))  # I * tanh(M~) + F * M
-            else:
-                memory = z
+            memory = step_fn(memory, input_qkv_steps[step], u_steps[step],
+                             gate_input_steps[step] if gated else None)
             outputs.append(memory)
         output = torch.stack(outputs)  # T x [B, N, d] -> [T, B, N, d]
         return output.view(steps, batch, slots * self.mem_size), memory  # [T, B, N, d] -> [T, B, N * d]

@@ -548,6 +548,13 @@ class RNNLibCore(Core):
     def forward(self, x: torch.Tensor, state: tuple | None = None) -> tuple[torch.Tensor, tuple]:
         return self.stack(x, state)
 
+    def compile_steps(self) -> bool:
+        """`compile_cell` for every layer the stack unrolls (those run by a fused kernel have no steps)."""
+        unrolled = [self.stack.layers[start] for start, _, fused in self.stack.execution_plan() if not fused]
+        for layer in unrolled:
+            layer.compile_cell = True
+        return bool(unrolled)
+
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("RNNLIB core (a stack built from cells, models/rnnlib.py)")

@@ -309,3 +309,13 @@ def test_cuda_fused_reads_the_cells_weights_in_place():
     torch.testing.assert_close(output, unrolled)
     for a, b in zip(state_tensors(state), state_tensors(unrolled_state)):
         torch.testing.assert_close(a, b)
+
+
+def test_compile_steps_marks_the_unrolled_layers_only():
+    """`--compile` on an RNNLIB core: layers a fused kernel runs have no steps to compile."""
+    from models.rnnlib import RNNLibConfig, RNNLibCore
+
+    fused = RNNLibCore(RNNLibConfig(input_size=3, hids=[4, 4], cell="lstm"))
+    assert not fused.compile_steps() and not any(layer.compile_cell for layer in fused.stack.layers)
+    looped = RNNLibCore(RNNLibConfig(input_size=3, hids=[4, 4], cell="gru", implementation="loop"))
+    assert looped.compile_steps() and all(layer.compile_cell for layer in looped.stack.layers)

@@ -1,5 +1,6 @@
 """Every script runs `--dry-run`; bad input ends in one clear line, never a traceback."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,21 @@ def test_checkpoint_runs_with_the_other_implementation(trained_run, corpus_dir):
     model.core.config.implementation = "loop"
     assert training.evaluate(model, source, 8) == pytest.approx(fused, rel=1e-5)
     assert torch.get_num_threads() >= 1
+
+
+def test_compile_flag_runs_the_rmc_step_compiled_with_the_eager_result(corpus_dir, tmp_path, capsys):
+    """--compile (default on with CUDA only) turns on the RMC's compiled step; the run matches the eager one."""
+    flags = ["--data", str(corpus_dir), *TINY_LM_FLAGS, "--memslots", "2", "--headsize", "4", "--numheads", "2",
+             "--keysize", "4", "--attmlplayers", "2", "--dry-run", "--dropout", "0",
+             "--optimizer", "sgd", "--lr", "1"]  # (Adam would turn rounding-level gradients into whole steps)
+    eager = train_rmc.main([*flags, "--run-dir", str(tmp_path / "eager")])
+    assert "compiled steps" not in capsys.readouterr().out  # eager on the CPU unless asked
+    fast = train_rmc.main([*flags, "--run-dir", str(tmp_path / "compiled"), "--compile"])
+    assert "compiled steps: RMC" in capsys.readouterr().out
+    assert json.loads((tmp_path / "compiled" / "args.json").read_text())["args"]["compile"] is True
+    assert fast["valid_loss"] == pytest.approx(eager["valid_loss"], rel=1e-5)
+    assert fast["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-5)
+    eager_weights = torch.load(tmp_path / "eager" / "checkpoint.pt", weights_only=True)["model"]
+    fast_weights = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=True)["model"]
+    for key in eager_weights:
+        torch.testing.assert_close(fast_weights[key], eager_weights[key], rtol=1e-4, atol=1e-6)

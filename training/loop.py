@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 import distributed
 from errors import TrainingError
+from models.core import Core
 from training.checkpoint import open_resume, rng_state, save_checkpoint, set_rng_state
 from training.flags import Flags, public_args, resolve_device
 from training.run import STOP_REQUESTS, Run, StopSignals, keep_freed_memory, seed_rank
@@ -80,6 +81,7 @@ class LoopOptions:
     save_interval: int = 0
     max_steps: int | None = None
     precision: str = "fp32"
+    compile: bool | None = None  # None: on with CUDA
     dry_run: bool = False
     seed: int = 1111
     sync_free: bool | None = None  # None: `decide_on_device`
@@ -151,6 +153,12 @@ def masked_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
             tensor.copy_(torch.where(ok, tensor, before))
 
 
+def compile_cores(model: nn.Module) -> list[str]:
+    """Turn on the compiled per-step path of every core in `model` that has one; returns their names."""
+    return [type(module).name or type(module).__name__ for module in model.modules()
+            if isinstance(module, Core) and module.compile_steps()]
+
+
 def read_flags(flags: tuple[bool | torch.Tensor, ...]) -> list[bool]:
     """Python bools from a mix of bools and device bools, with one read."""
     if all(isinstance(flag, bool) for flag in flags):
@@ -178,6 +186,8 @@ class Trainer:
         if device.type == "cpu":
             keep_freed_memory()  # each step's large buffers stay mapped (see its docstring)
         self.sync_free = decide_on_device(device) if options.sync_free is None else options.sync_free
+        self.compiled_cores = compile_cores(model) if (device.type == "cuda" if options.compile is None
+                                                       else options.compile) else []
         self.precision = Precision(options.precision, device)
         self.optimizer = self.make_optimizer(options.optimizer)
         self.scheduler = self.make_scheduler()
@@ -541,5 +551,6 @@ def announce(trainer: Trainer, checkpoint: dict | None, what: str) -> None:
     parameters = sum(p.numel() for p in trainer.model.parameters())
     processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
     precision = f", {trainer.precision.name}" if trainer.precision.name != "fp32" else ""
+    compiled = f", compiled steps: {', '.join(trainer.compiled_cores)}" if trainer.compiled_cores else ""
     run.print(f"| {trainer.script}: {what}, {parameters:,} parameters, device {trainer.device}{processes}"
-              f"{precision}, run folder {run.path}")
+              f"{precision}{compiled}, run folder {run.path}")
