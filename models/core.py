@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 import weakref
 from typing import Any, Callable, ClassVar
 
@@ -190,5 +191,27 @@ def compiled(module: nn.Module, name: str, function: Callable) -> Callable:
     """
     functions = _COMPILED.setdefault(module, {})
     if name not in functions:
-        functions[name] = torch.compile(function, dynamic=False)
+        functions[name] = _eager_if_compiling_fails(torch.compile(function, dynamic=False), function, name)
     return functions[name]
+
+
+def _eager_if_compiling_fails(fast: Callable, eager: Callable, name: str) -> Callable:
+    """`fast`, unless its first call fails (a compiler missing or broken on this machine): then, with one
+    warning, `eager` from then on. Errors of the step itself come back from `eager` as they are."""
+    chosen: list[Callable] = []
+
+    def call(*args: Any) -> Any:
+        if chosen:
+            return chosen[0](*args)
+        try:
+            result = fast(*args)
+        except Exception as error:  # torch._dynamo / inductor errors differ across versions
+            warnings.warn(f"torch.compile of the {name} failed ({type(error).__name__}: "
+                          f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
+                          f"running it eagerly", stacklevel=2)
+            chosen.append(eager)
+            return eager(*args)
+        chosen.append(fast)
+        return result
+
+    return call

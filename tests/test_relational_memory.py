@@ -286,3 +286,20 @@ def test_compiled_step_equals_eager(gate_style, blocks):
     x = torch.randn(2, 2, 5, dtype=torch.float64)
     torch.testing.assert_close(copied(x)[0], halved(x)[0], rtol=1e-10, atol=1e-12)
     assert _COMPILED[copied]["step"] is not _COMPILED[fast]["step"]
+
+
+def test_a_compiler_that_fails_falls_back_to_the_eager_step(monkeypatch):
+    """A machine whose compiler fails (no C++ compiler, a broken Triton) runs the eager step with a warning."""
+    def broken_compile(function, **options):
+        def fails(*args):
+            raise RuntimeError("BackendCompilerFailed: no working C++ compiler")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    core = RMCCore(RMCConfig(input_size=5, mem_slots=2, head_size=4, num_heads=2, attention_mlp_layers=2))
+    expected = copy.deepcopy(core)(torch.ones(3, 2, 5))[0]
+    assert core.compile_steps()
+    with pytest.warns(UserWarning, match="torch.compile of the step failed .* running it eagerly"):
+        output = core(torch.ones(3, 2, 5))[0]
+    torch.testing.assert_close(output, expected)
