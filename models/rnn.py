@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.core import (Core, add_argument_once, add_stack_args, lstm_off_cpu_fp16, register_core,
+from models.core import (Core, add_argument_once, add_stack_args, compiled, lstm_off_cpu_fp16, register_core,
                          stack_dropout)
 
 IMPLEMENTATIONS = ("fused", "loop")
@@ -53,13 +53,23 @@ class RNNConfig:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}")
 
 
+def lstm_step(input_gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor,
+              b_hh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step from its precomputed input gates [B, 4H] (PyTorch's gate order i, f, g, o) -> (h, c)."""
+    gates = input_gates + F.linear(h, w_hh, b_hh)
+    in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)
+    c = torch.sigmoid(forget_gate) * c + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
+    return torch.sigmoid(out_gate) * torch.tanh(c), c
+
+
 def lstm_layer_loop(
-    x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, weights: list[torch.Tensor]
+    x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, weights: list[torch.Tensor], step_fn: Callable = lstm_step
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One LSTM layer, one step at a time (PyTorch's gate order i, f, g, o).
+    """One LSTM layer, one step at a time.
 
     Args:
         x: [T, B, D]; h, c: [B, H]; weights: w_ih [4H, D], w_hh [4H, H], b_ih [4H], b_hh [4H].
+        step_fn: `lstm_step`, or the same compiled.
 
     Returns:
         outputs [T, B, H], final h [B, H], final c [B, H].
@@ -68,19 +78,28 @@ def lstm_layer_loop(
     input_gates = F.linear(x, w_ih, b_ih)  # all steps at once: [T, B, 4H]
     outputs = []
     for step in range(x.size(0)):
-        gates = input_gates[step] + F.linear(h, w_hh, b_hh)
-        in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)
-        c = torch.sigmoid(forget_gate) * c + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
-        h = torch.sigmoid(out_gate) * torch.tanh(c)
+        h, c = step_fn(input_gates[step], h, c, w_hh, b_hh)
         outputs.append(h)
     return torch.stack(outputs), h, c
 
 
-def gru_layer_loop(x: torch.Tensor, h: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One GRU layer, one step at a time (PyTorch's gate order r, z, n; reset applied after W_hn).
+def gru_step(input_gates: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
+    """One GRU step from its precomputed input gates [B, 3H] (gate order r, z, n; reset after W_hn) -> h."""
+    input_reset, input_update, input_new = input_gates.chunk(3, dim=1)
+    hidden_reset, hidden_update, hidden_new = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
+    reset = torch.sigmoid(input_reset + hidden_reset)
+    update = torch.sigmoid(input_update + hidden_update)
+    new = torch.tanh(input_new + reset * hidden_new)
+    return (1 - update) * new + update * h
+
+
+def gru_layer_loop(x: torch.Tensor, h: torch.Tensor, weights: list[torch.Tensor],
+                   step_fn: Callable = gru_step) -> tuple[torch.Tensor, torch.Tensor]:
+    """One GRU layer, one step at a time.
 
     Args:
         x: [T, B, D]; h: [B, H]; weights: w_ih [3H, D], w_hh [3H, H], b_ih [3H], b_hh [3H].
+        step_fn: `gru_step`, or the same compiled.
 
     Returns:
         outputs [T, B, H], final h [B, H].
@@ -89,12 +108,7 @@ def gru_layer_loop(x: torch.Tensor, h: torch.Tensor, weights: list[torch.Tensor]
     input_gates = F.linear(x, w_ih, b_ih)  # [T, B, 3H]
     outputs = []
     for step in range(x.size(0)):
-        input_reset, input_update, input_new = input_gates[step].chunk(3, dim=1)
-        hidden_reset, hidden_update, hidden_new = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
-        reset = torch.sigmoid(input_reset + hidden_reset)
-        update = torch.sigmoid(input_update + hidden_update)
-        new = torch.tanh(input_new + reset * hidden_new)
-        h = (1 - update) * new + update * h
+        h = step_fn(input_gates[step], h, w_hh, b_hh)
         outputs.append(h)
     return torch.stack(outputs), h
 
@@ -110,6 +124,15 @@ class _StackedRNN(Core):
         self.rnn = self.fused_class(
             config.input_size, config.hidden_size, num_layers=config.num_layers, dropout=config.dropout
         )
+        self.compile_step = False  # the loop's step through torch.compile (`compile_steps`)
+
+    def compile_steps(self) -> bool:
+        """The `--rnn-impl loop` step through `torch.compile` (the fused kernel has no steps)."""
+        self.compile_step = self.config.implementation == "loop"
+        return self.compile_step
+
+    def _step_function(self, step: Callable) -> Callable:
+        return compiled(self, step.__name__, step) if self.compile_step else step
 
     @property
     def output_size(self) -> int:
@@ -177,7 +200,8 @@ class LSTM(_StackedRNN):
     def _forward_loop(self, x: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
         final_h, final_c = [], []
         for layer in range(self.config.num_layers):
-            x, h, c = lstm_layer_loop(x, state.h[layer], state.c[layer], self._layer_weights(layer))
+            x, h, c = lstm_layer_loop(x, state.h[layer], state.c[layer], self._layer_weights(layer),
+                                      self._step_function(lstm_step))
             final_h.append(h)
             final_c.append(c)
             x = self._between_layers(x, layer)
@@ -200,7 +224,7 @@ class GRU(_StackedRNN):
     def _forward_loop(self, x: torch.Tensor, state: GRUState) -> tuple[torch.Tensor, GRUState]:
         final_h = []
         for layer in range(self.config.num_layers):
-            x, h = gru_layer_loop(x, state.h[layer], self._layer_weights(layer))
+            x, h = gru_layer_loop(x, state.h[layer], self._layer_weights(layer), self._step_function(gru_step))
             final_h.append(h)
             x = self._between_layers(x, layer)
         return x, GRUState(torch.stack(final_h))

@@ -195,3 +195,28 @@ def test_fused_lstm_runs_in_fp32_under_cpu_fp16_autocast(name, flags):
     with torch.autocast("cpu", dtype=torch.float16):
         output, state = core(x, core.initial_state(3))
     assert torch.equal(output.float(), expected)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+def test_compiled_loop_step_equals_eager(name):
+    """`--compile` with `--rnn-impl loop`: the per-step cell through torch.compile (float64, so fused kernels'
+    other summation order stays far below the tolerance); outputs, states and gradients equal eager's."""
+    import copy
+
+    from models.core import _COMPILED, build_core
+    from models.rnn import RNNConfig
+
+    torch.manual_seed(0)
+    eager = build_core(name, RNNConfig(input_size=3, hidden_size=4, num_layers=2, implementation="loop")).double()
+    fast = copy.deepcopy(eager)
+    assert fast.compile_steps()
+    assert not build_core(name, RNNConfig(input_size=3, hidden_size=4)).compile_steps()  # cuDNN/fused: no steps
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    results = []
+    for core in (eager, fast):
+        output, state = core(x)
+        loss = output.pow(2).sum() + sum(t.sum() for t in state)
+        results.append([output, *state, *torch.autograd.grad(loss, list(core.parameters()))])
+    assert _COMPILED[fast]
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
