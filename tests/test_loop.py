@@ -255,3 +255,55 @@ def test_mixed_precision_trains_and_resumes(tmp_path, precision):
     assert torch.equal(rest.model.weight, mixed.model.weight)
     if precision == "fp16":
         assert rest.precision.scaler.get_scale() == mixed.precision.scaler.get_scale()
+
+
+# --------------------------------------------------------------------------- on a GPU (skipped without CUDA)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class CudaFakeTrainer(FakeTrainer):
+    def __init__(self, run_dir, **kwargs):
+        super().__init__(run_dir, **kwargs)
+        self.model.cuda()
+        self.device = torch.device("cuda")
+        self.sync_free = True
+        self.optimizer = self.make_optimizer(self.options.optimizer)
+        self.scheduler = self.make_scheduler()
+
+    def next_batch(self):
+        x, y = super().next_batch()
+        return x.cuda(non_blocking=True), y.cuda(non_blocking=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "rmsprop", "asgd"])
+def test_cuda_hot_loop_makes_no_host_sync_between_log_lines(tmp_path, optimizer):
+    """torch.cuda's sync debug mode turns any host sync inside the steps (after the first) into an error."""
+    trainer = CudaFakeTrainer(tmp_path / "run", steps=12, log_interval=100, optimizer=optimizer, clip=0.5,
+                              nan_at={7}, lr=0.01)
+    original = trainer.train_step
+
+    def train_step(batch):
+        if trainer.state.step >= 1:  # the optimiser's first step is decided on the host
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            original(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    trainer.train_step = train_step
+    trainer.fit()
+    assert [e["step"] for e in events(tmp_path / "run", "nonfinite")] == [7]
+    assert torch.isfinite(trainer.model.weight).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "asgd"])
+def test_cuda_device_side_skips_train_as_the_cpu_host_side_does(tmp_path, optimizer):
+    kwargs = dict(steps=12, nan_at={5}, optimizer=optimizer, lr=0.01, clip=1.0)
+    cpu = FakeTrainer(tmp_path / "cpu", sync_free=False, **kwargs)
+    cpu.fit()
+    gpu = CudaFakeTrainer(tmp_path / "gpu", **kwargs)
+    gpu.fit()
+    torch.testing.assert_close(gpu.model.weight.cpu(), cpu.model.weight, rtol=1e-5, atol=1e-6)

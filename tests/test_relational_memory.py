@@ -303,3 +303,20 @@ def test_a_compiler_that_fails_falls_back_to_the_eager_step(monkeypatch):
     with pytest.warns(UserWarning, match="torch.compile of the step failed .* running it eagerly"):
         output = core(torch.ones(3, 2, 5))[0]
     torch.testing.assert_close(output, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_step_equals_eager_on_cuda():
+    torch.manual_seed(0)
+    eager = RMCCore(RMCConfig(input_size=5, mem_slots=3, head_size=8, num_heads=2, num_blocks=2,
+                              attention_mlp_layers=2, key_size=4)).cuda()
+    fast = copy.deepcopy(eager)
+    assert fast.compile_steps()
+    x = torch.randn(6, 4, 5, device="cuda")
+    results = []
+    for core in (eager, fast):
+        output, state = core(x)
+        grads = torch.autograd.grad(output.pow(2).sum() + state.memory.sum(), list(core.parameters()))
+        results.append([output, state.memory, *grads])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
