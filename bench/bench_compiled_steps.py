@@ -8,7 +8,8 @@ compiled step is faster). On CUDA the timings synchronise the device.
 
 Cores: `rmc` (the RMC LM's core: 1 slot, head size 192, 4 heads, 1 block, 3 MLP layers, key 64,
 input 192), `lstm-loop` and `gru-loop` (2 layers of 200 run by the per-step cell, `--rnn-impl loop`),
-`rnnlib-loop` (RNNLIB, 2 LSTM layers of 200 unrolled).
+`rnnlib-loop` (RNNLIB, 2 LSTM layers of 200 unrolled), `dnc-16` and `dnc-1024` (bench_dnc.py's DNC: input 64,
+LSTM controller 128, 4 read heads, cells of 32; the memory's step compiled).
 
     python bench/bench_compiled_steps.py --threads 1
     python bench/bench_compiled_steps.py --device cuda --batch-size 64 --steps 100 --repeats 20
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 
 from bench.common import machine_info, synchronize, write_results  # noqa: E402
 from models.core import Core, build_core  # noqa: E402
+from models.dnc import DNCConfig  # noqa: E402
 from models.relational_memory import RMCConfig  # noqa: E402
 from models.rnn import RNNConfig  # noqa: E402
 from models.rnnlib import RNNLibConfig  # noqa: E402
@@ -41,6 +43,10 @@ CORES = {
     "lstm-loop": ("LSTM", lambda: RNNConfig(input_size=200, hidden_size=200, num_layers=2, implementation="loop"), 200),
     "gru-loop": ("GRU", lambda: RNNConfig(input_size=200, hidden_size=200, num_layers=2, implementation="loop"), 200),
     "rnnlib-loop": ("RNNLIB", lambda: RNNLibConfig(input_size=200, hids=[200, 200], implementation="loop"), 200),
+    # bench_dnc.py's DNC: input 64, LSTM controller 128, 4 read heads, cells of 32
+    "dnc-16": ("DNC", lambda: DNCConfig(input_size=64, hidden_size=128, nr_cells=16, cell_size=32, read_heads=4), 64),
+    "dnc-1024": ("DNC", lambda: DNCConfig(input_size=64, hidden_size=128, nr_cells=1024, cell_size=32,
+                                          read_heads=4), 64),
 }
 
 

@@ -416,3 +416,44 @@ def test_bad_arguments_are_named():
         memory_module.step(ctx, torch.zeros(B, X + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="mask"):
         memory_module.step(ctx, torch.zeros(B, X, dtype=torch.float64), torch.ones(B))
+
+
+def test_compiled_step_equals_eager():
+    """`--compile`: the memory's step through torch.compile gives the eager step's reads, state and gradients,
+    with and without padding."""
+    import copy
+
+    from models.core import _COMPILED
+
+    eager = make_memory()
+    fast = copy.deepcopy(eager)
+    fast.compile_step = True
+    generator = torch.Generator().manual_seed(3)
+    xis = torch.randn(4, B, X, generator=generator, dtype=torch.float64)
+    masks = torch.ones(4, B, dtype=torch.bool)
+    masks[2:, 0] = False  # row 0 is padding in the last two steps
+    results = []
+    for module in (eager, fast):
+        state = {key: value.clone().requires_grad_(key == "memory") for key, value in random_state().items()}
+        reads, final, _ = run(module, state, xis[:2])  # unmasked, then masked: both specialisations
+        more, final, _ = run(module, final, xis[2:], masks[2:])
+        loss = reads.pow(2).sum() + more.pow(2).sum() + sum(value.sum() for value in final.values())
+        grads = torch.autograd.grad(loss, [state["memory"], *module.parameters()])
+        results.append([reads, more, *final.values(), *grads])
+    assert "step" in _COMPILED[fast]
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_only_the_dense_memory_has_a_compiled_step():
+    import argparse
+
+    from models.core import build_core, get_core_class
+
+    parser = argparse.ArgumentParser()
+    get_core_class("SDNC").add_args(parser)
+    args = parser.parse_args(["-nhid", "8", "-mem_slot", "6", "-mem_size", "4", "-read_heads", "2"])
+    dnc = build_core("DNC", get_core_class("DNC").config_from_args(args, 5))
+    assert dnc.compile_steps() and all(memory.compile_step for memory in dnc.memories)
+    for name in ("SAM", "SDNC"):
+        assert not build_core(name, get_core_class(name).config_from_args(args, 5)).compile_steps()

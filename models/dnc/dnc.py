@@ -306,6 +306,14 @@ class MemoryController(Core):
     # ----------------------------------------------------------------------------------------------
     # Forward.
 
+    def compile_steps(self) -> bool:
+        """Each memory's step through `torch.compile`, where the memory has one (the DNC's dense memory;
+        SAM's and SDNC's sparse steps run eagerly)."""
+        compiled = [memory for memory in self.memories if hasattr(memory, "compile_step")]
+        for memory in compiled:
+            memory.compile_step = True
+        return bool(compiled)
+
     def forward(self, x: torch.Tensor, state: DNCState | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, DNCState]:
         """x [T, B, D], mask [T, B] bool or None -> y [T, B, O], DNCState."""

@@ -54,6 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from models.core import compiled
+
 SIMILARITY_EPSILON = 1e-6  # added to squared norms in the cosine similarity (google-deepmind/dnc)
 USAGE_EPSILON = 1e-6  # allocation sees eps + (1 - eps) u (google-deepmind/dnc)
 LINK_BLOCK_BYTES = 1 << 19  # on CPU, the link matrix is processed in blocks of rows of about this size
@@ -348,6 +350,7 @@ class DenseMemory(nn.Module):
         self.read_heads = read_heads
         self.independent_linears = bool(independent_linears)
         self.read_size = read_heads * cell_size
+        self.compile_step = False  # `step` through torch.compile (`MemoryController.compile_steps`)
         self.interface_sizes = {  # the interface parts, in the order of the split Linear's outputs
             "read_keys": read_heads * cell_size, "read_strengths": read_heads,
             "write_key": cell_size, "write_strength": 1, "erase_vector": cell_size, "write_vector": cell_size,
@@ -437,6 +440,16 @@ class DenseMemory(nn.Module):
         if mask is not None and (mask.shape != (batch,) or mask.dtype != torch.bool):
             raise ValueError(f"DenseMemory.step: mask must be a bool tensor of shape [{batch}], "
                              f"got {mask.dtype} {tuple(mask.shape)}")
+        step = compiled(self, "step", self._step) if self.compile_step else self._step
+        ctx.state, reads = step(state, xi, mask)
+        return reads
+
+    def _step(self, state: dict[str, Tensor], xi: Tensor, mask: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+        """`step` on the state dict: (new state, read vectors [B, R * W]). A function of its own, so that
+        `compile_steps` can compile it (the link update stays the hand-written autograd function: with
+        the formulas instead, the compiled step saved [B, N, N] products and ran 3.8x slower at 1,024
+        cells on the CPU)."""
+        batch = state["memory"].size(0)
         interface = self.interface(xi)
         memory = state["memory"]
         usage = update_usage(state["usage_vector"], state["write_weights"], state["read_weights"],
@@ -459,9 +472,9 @@ class DenseMemory(nn.Module):
             usage = torch.where(keep_rows, usage, state["usage_vector"])
             write_weights = torch.where(keep_rows, write_weights, state["write_weights"])
             read_weights = torch.where(keep_rows.unsqueeze(-1), read_weights, state["read_weights"])
-        ctx.state = {"memory": memory, "link_matrix": link, "precedence": precedence,
+        new_state = {"memory": memory, "link_matrix": link, "precedence": precedence,
                      "read_weights": read_weights, "write_weights": write_weights, "usage_vector": usage}
-        return reads.reshape(batch, self.read_size)  # [B, R, W] -> [B, R W]
+        return new_state, reads.reshape(batch, self.read_size)  # [B, R, W] -> [B, R W]
 
     def end(self, ctx: DenseMemoryContext) -> dict[str, Tensor]:
         """The state after the steps (a new dict; keys and shapes as `initial_state`)."""
