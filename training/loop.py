@@ -3,7 +3,7 @@
 What it owns: the optimiser and plateau schedule, mixed precision (`--precision`), the
 non-finite-safe update, the fit loop with its progress bar, log lines, stop requests (Ctrl-C,
 SIGTERM, `--max-steps`), checkpoints (save / restore through `training.checkpoint`) and the
-start-up every script shares (`prepare`, `open_model`, `announce`). A subclass says what a batch
+start-up every script shares (`prepare`, `announce`). A subclass says what a batch
 is (`next_batch`), what its loss is (`forward_loss`), what ends a period (an epoch for language
 models; nothing for tasks) and what is evaluated when.
 
@@ -282,7 +282,7 @@ class Trainer:
             return
         entries, self.pending = self.pending, []
         steps, counts, reports, stepped, bad = zip(*entries)
-        losses = torch.stack([report.float() for report in reports])
+        losses = torch.stack([report.double() for report in reports])  # summed in float64, as Python floats
         if distributed.world_size() > 1:  # the ranks' shares are equal: the mean of their losses is the batch's
             losses = distributed.all_reduce_sum_tensor(losses) / distributed.world_size()
         values = losses.tolist()

@@ -413,8 +413,8 @@ def run_sequence_task(flags: Flags, script: str, make_task: Callable[[argparse.N
         make_task: builds the task from the flags (after --generalisation-lengths is resolved);
             a ValueError becomes a UserInputError.
         pictures: builds the summary callback from the (resumed) flags and the script's name, on rank 0
-            only (e.g. `models.dnc.visualize.MemoryPictures.from_args`); its exceptions with a
-            `VisdomUnavailable`-like message become one-line errors.
+            only (e.g. `models.dnc.visualize.MemoryPictures.from_args`); a RuntimeError it raises (such
+            as `VisdomUnavailable`: no package, no server) becomes a one-line error.
 
     Returns:
         {"run_dir", "stopped", "step", "metric", "best_metric", "best_max_length", "best_step", "test",
