@@ -457,3 +457,7 @@ def test_only_the_dense_memory_has_a_compiled_step():
     assert dnc.compile_steps() and all(memory.compile_step for memory in dnc.memories)
     for name in ("SAM", "SDNC"):
         assert not build_core(name, get_core_class(name).config_from_args(args, 5)).compile_steps()
+    from models.dnc import DNC, SAM  # the published API has it too
+
+    assert DNC(input_size=5, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2).compile_steps()
+    assert not SAM(input_size=5, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2).compile_steps()

@@ -619,6 +619,11 @@ class _Published(nn.Module):
         self.gpu_id = gpu_id
         self.to(_resolve_device(gpu_id, device))
 
+    def compile_steps(self) -> bool:
+        """The memory's step through `torch.compile` from now on (what `--compile` does in the scripts);
+        False for SAM and SDNC, whose sparse steps run eagerly."""
+        return self.core.compile_steps()
+
     def forward(
         self,
         input: torch.Tensor | PackedSequence,
