@@ -349,3 +349,24 @@ def test_allocator_keeps_freed_memory_unless_the_environment_says_otherwise(monk
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert keep_freed_memory() is True  # glibc on this Linux machine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("script_flags", [[], ["--alpha", "2", "--beta", "1", "--variable-bptt"]])
+def test_cuda_lm_hot_loop_makes_no_host_sync_between_log_lines(corpus_dir, tmp_path, monkeypatch, script_flags):
+    """train_rnn on the GPU: any host sync inside a training step (after the optimiser's first) is an error."""
+    original = training.LMTrainer.train_step
+
+    def train_step(self, batch):
+        if self.state.step >= 1:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            original(self, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(training.LMTrainer, "train_step", train_step)
+    nan_loss_at(monkeypatch, {4})
+    result = run(corpus_dir, tmp_path / "run", "--cuda", "--log-interval", "1000", *script_flags)
+    assert [e["step"] for e in read_log(tmp_path / "run") if e["event"] == "nonfinite"] == [4]
+    assert result["test_ppl"] < 41
