@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds")
     parser.add_argument("--quick", action="store_true", help="one untimed and one timed round")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--filled", action="store_true",
+                        help="SAM / SDNC start from a memory full of data (random rows, every row accessed) "
+                             "rather than an empty one, where the exact search scores only the written rows")
     parser.add_argument("--no-lstm-ratio", dest="lstm_ratio", action="store_false",
                         help="skip the DNC at 16 cells (eager and compiled) against an nn.LSTM of its controller")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -96,11 +99,11 @@ def build(kind: str, cells: int, args: argparse.Namespace, device: torch.device)
                          read_heads=args.read_heads, cell_size=args.cell, batch_first=True, device=device)
 
 
-def training_step(model: torch.nn.Module, x: torch.Tensor) -> float:
+def training_step(model: torch.nn.Module, x: torch.Tensor, memory: dict | None = None) -> float:
     model.zero_grad(set_to_none=True)
     synchronize(x.device)
     start = time.perf_counter()
-    output, _ = model(x)
+    output, _ = model(x, (None, memory, None))
     output.pow(2).mean().backward()
     synchronize(x.device)
     return time.perf_counter() - start
@@ -204,6 +207,19 @@ def plot(rows: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def filled_memory(model: torch.nn.Module, batch: int, device: torch.device) -> dict:
+    """A SAM / SDNC memory state full of data: random rows, every row accessed once (in a random order)."""
+    memory = model.core.memories[0]
+    state = memory.initial_state(batch, device)
+    generator = torch.Generator().manual_seed(0)
+    cells, width = memory.nr_cells, memory.cell_size
+    state["memory"] = torch.randn(batch, cells, width, generator=generator).to(device)
+    order = torch.stack([torch.randperm(cells, generator=generator) for _ in range(batch)])
+    state["usage"] = order.to(device=device, dtype=torch.int32)  # last access steps 0 .. N-1
+    state["step"] = torch.full((batch,), cells, dtype=torch.int32, device=device)
+    return state
+
+
 def lstm_ratio(args: argparse.Namespace, x: torch.Tensor, device: torch.device) -> dict:
     """The DNC at 16 cells, eager and with its memory step compiled (`--compile`), against the `nn.LSTM` its
     controller is (2 layers of --hidden over the input and the read vectors), forward+backward, interleaved.
@@ -242,10 +258,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.steps, args.input, device=device)
     built = {variant: build(*variant, args, device) for variant in variants}
+    memories = {variant: filled_memory(model, args.batch, device) if args.filled and variant[0] != "DNC" else None
+                for variant, model in built.items()}
     seconds: dict[tuple[str, int], list[float]] = {variant: [] for variant in variants}
     for round_index in range(args.warmup + args.repeats):
         for variant, model in built.items():
-            elapsed = training_step(model, x)
+            elapsed = training_step(model, x, memories[variant])
             if round_index >= args.warmup:
                 seconds[variant].append(elapsed)
         print(f"  round {round_index + 1}/{args.warmup + args.repeats} done", file=sys.stderr, flush=True)
