@@ -182,13 +182,16 @@ _COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict[str, Callable]]" = weakref
 
 
 def compiled(module: nn.Module, name: str, function: Callable) -> Callable:
-    """`torch.compile(function)` for `module`, made once per module and `name` and kept beside it.
+    """`function` itself, or, once `module.compile_step` is set (`Core.compile_steps`), `torch.compile(function)`
+    for `module`, made once per module and `name` and kept beside it.
 
-    `function` is one of `module`'s bound methods (a per-step function). The compiled function is
+    `function` is a per-step function (one of `module`'s bound methods, or a plain one). The compiled function is
     kept in a weak table rather than on the module, so a copy of the module (`copy.deepcopy`)
     compiles its own instead of calling the original's weights. Shapes are static: each new shape
     (e.g. the last, shorter window's batch) compiles once more.
     """
+    if not getattr(module, "compile_step", False):
+        return function
     functions = _COMPILED.setdefault(module, {})
     if name not in functions:
         functions[name] = _eager_if_compiling_fails(torch.compile(function, dynamic=False), function, name)

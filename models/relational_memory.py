@@ -372,7 +372,7 @@ class RMCCore(Core):
         input_qkv_steps = input_qkv.unbind(0)  # T x [B, R, P]
         u_steps = u.unbind(0)  # T x [B, R, d]
         gate_input_steps = gate_inputs.unbind(0) if gated else None  # T x [B, 1, 2G]
-        step_fn = compiled(self, "step", self._step_fast) if self.compile_step else self._step_fast
+        step_fn = compiled(self, "step", self._step_fast)
         outputs = []
         for step in range(steps):
             memory = step_fn(memory, input_qkv_steps[step], u_steps[step],

@@ -131,9 +131,6 @@ class _StackedRNN(Core):
         self.compile_step = self.config.implementation == "loop"
         return self.compile_step
 
-    def _step_function(self, step: Callable) -> Callable:
-        return compiled(self, step.__name__, step) if self.compile_step else step
-
     @property
     def output_size(self) -> int:
         return self.config.hidden_size
@@ -201,7 +198,7 @@ class LSTM(_StackedRNN):
         final_h, final_c = [], []
         for layer in range(self.config.num_layers):
             x, h, c = lstm_layer_loop(x, state.h[layer], state.c[layer], self._layer_weights(layer),
-                                      self._step_function(lstm_step))
+                                      compiled(self, "lstm_step", lstm_step))
             final_h.append(h)
             final_c.append(c)
             x = self._between_layers(x, layer)
@@ -224,7 +221,7 @@ class GRU(_StackedRNN):
     def _forward_loop(self, x: torch.Tensor, state: GRUState) -> tuple[torch.Tensor, GRUState]:
         final_h = []
         for layer in range(self.config.num_layers):
-            x, h = gru_layer_loop(x, state.h[layer], self._layer_weights(layer), self._step_function(gru_step))
+            x, h = gru_layer_loop(x, state.h[layer], self._layer_weights(layer), compiled(self, "gru_step", gru_step))
             final_h.append(h)
             x = self._between_layers(x, layer)
         return x, GRUState(torch.stack(final_h))

@@ -38,6 +38,16 @@ class Flags:
     typed: frozenset[str] = frozenset()
 
 
+class FromArgs:
+    """A mixin for the loops' option dataclasses: `from_args` takes each field from the flag of its name."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        """The options from parsed flags; a field without a flag keeps its default."""
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)
+                      if hasattr(args, field.name)})
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Flags:
     """`parser.parse_args`, recording which flags the user typed."""
     unset = object()

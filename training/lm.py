@@ -27,8 +27,8 @@ import models
 from data import Corpus, batchify, get_batch
 from errors import UserInputError
 from models.core import detach_state, state_from_tensors, state_tensors
-from training.checkpoint import load_checkpoint, numpy_state, save_checkpoint, set_numpy_state
-from training.flags import Flags, check_lm_args
+from training.checkpoint import load_checkpoint, numpy_state, set_numpy_state
+from training.flags import Flags, FromArgs, check_lm_args
 from training.loop import LoopOptions, LoopState, Trainer, announce, prepare
 from training.run import Run, seed_everything, seed_rank
 
@@ -87,7 +87,7 @@ def nt_asgd_triggered(history: list[float], valid_loss: float, nonmono: int) -> 
 
 
 @dataclasses.dataclass
-class LMOptions:
+class LMOptions(FromArgs):
     """The language-model loop's own flags (`from_args`)."""
 
     epochs: int
@@ -102,9 +102,6 @@ class LMOptions:
     when: list[int] = dataclasses.field(default_factory=list)
     save: str | None = None
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "LMOptions":
-        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass
@@ -344,11 +341,9 @@ class LMTrainer(Trainer):
                 "hidden": [tensor.cpu() for tensor in hidden], "bptt_rng": numpy_state(self.bptt_rng)}
 
     def save(self, name: str = "checkpoint.pt", copy_best: bool = True) -> Path:
-        """`Trainer.save`; best.pt is also copied to --save unless `copy_best` is False."""
-        path = super().save(name)
-        if name == "best.pt" and copy_best and self.lm.save and distributed.is_main():
-            save_checkpoint(Path(self.lm.save), self.model, **{**self.checkpoint_contents(), "resumable": False})
-        return path
+        """`Trainer.save`; best.pt is also written to --save unless `copy_best` is False."""
+        copy = name == "best.pt" and copy_best and self.lm.save
+        return super().save(name, copies=(Path(self.lm.save),) if copy else ())
 
     def restore_streams(self, checkpoint: dict, same_processes: bool) -> None:
         self.hidden = state_from_tensors(

@@ -52,7 +52,7 @@ import distributed
 from errors import TrainingError
 from models.core import Core
 from training.checkpoint import open_resume, rng_state, save_checkpoint, set_rng_state
-from training.flags import Flags, public_args, resolve_device
+from training.flags import Flags, FromArgs, public_args, resolve_device
 from training.run import STOP_REQUESTS, Run, StopSignals, keep_freed_memory, seed_rank
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop,
@@ -66,7 +66,7 @@ def decide_on_device(device: torch.device) -> bool:
 
 
 @dataclasses.dataclass
-class LoopOptions:
+class LoopOptions(FromArgs):
     """What the loop needs from the flags (`from_args`); every script's flags have these."""
 
     optimizer: str
@@ -86,10 +86,6 @@ class LoopOptions:
     seed: int = 1111
     sync_free: bool | None = None  # None: `decide_on_device`
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "LoopOptions":
-        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)
-                      if hasattr(args, field.name)})
 
 
 @dataclasses.dataclass
@@ -435,8 +431,9 @@ class Trainer:
             **({"rank_rngs": rngs} if len(rngs) > 1 else {}),
         }
 
-    def save(self, name: str = "checkpoint.pt") -> Path:
-        """Write `name` in the run folder (atomically); best.pt is marked not resumable.
+    def save(self, name: str = "checkpoint.pt", copies: tuple[Path, ...] = ()) -> Path:
+        """Write `name` in the run folder (atomically), and the same contents to each of `copies`;
+        best.pt is marked not resumable.
 
         Every rank calls it; rank 0 writes. Pending steps are read first, so a checkpoint never
         holds a step whose skip has not been decided and reported.
@@ -446,7 +443,8 @@ class Trainer:
         path = self.run.path / name
         contents = {**self.checkpoint_contents(), "resumable": name != "best.pt"}
         if distributed.is_main():
-            save_checkpoint(path, self.model, **contents)
+            for target in (path, *copies):
+                save_checkpoint(target, self.model, **contents)
         return path
 
     def restore(self, checkpoint: dict) -> None:

@@ -42,7 +42,8 @@ from models.task_model import SequenceModel, TaskModel, TaskModelConfig
 from tasks.curriculum import Curriculum, spread_lengths
 from tasks.protocol import SequenceTask, Task
 from training.checkpoint import load_checkpoint
-from training.flags import Flags, check_sequence_args, check_task_args, default_generalisation_lengths
+from training.flags import (Flags, FromArgs, check_sequence_args, check_task_args,
+                            default_generalisation_lengths)
 from training.loop import LoopOptions, LoopState, Trainer, announce, prepare
 from training.run import Run, seed_everything, seed_rank
 
@@ -63,7 +64,7 @@ def task_model_config_from_args(args: argparse.Namespace, task: Task | SequenceT
 
 
 @dataclasses.dataclass
-class TaskOptions:
+class TaskOptions(FromArgs):
     """The task loop's own flags (`from_args`)."""
 
     iterations: int
@@ -72,9 +73,6 @@ class TaskOptions:
     test_size: int
     test_seed: int
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TaskOptions":
-        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass

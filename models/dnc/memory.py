@@ -440,7 +440,7 @@ class DenseMemory(nn.Module):
         if mask is not None and (mask.shape != (batch,) or mask.dtype != torch.bool):
             raise ValueError(f"DenseMemory.step: mask must be a bool tensor of shape [{batch}], "
                              f"got {mask.dtype} {tuple(mask.shape)}")
-        step = compiled(self, "step", self._step) if self.compile_step else self._step
+        step = compiled(self, "step", self._step)
         ctx.state, reads = step(state, xi, mask)
         return reads
 
