@@ -136,6 +136,25 @@ def test_exact_index_with_few_rows_and_broadcast_memory():
     assert best.tolist() == [[[1]], [[2]]]
 
 
+@pytest.mark.parametrize("cells,k", [(64 * 16 + 37, 4), (64 * 40, 5), (64 * 8, 1), (300, 9)])
+def test_two_round_top_k_equals_one_round_with_ties(cells, k):
+    """The block-maxima top-k of a full memory returns exactly the rows of the plain top-k, ties to the lower
+    row included: scores on a coarse grid tie often, also across blocks and in the last, shorter block, and
+    a strided (transposed) score tensor reads the same."""
+    generator = torch.Generator().manual_seed(cells + k)
+    scores = torch.randint(0, 12, (3, 2, cells), generator=generator).float()  # many ties
+    scores[0, 0, -1] = 99.0  # the best row is the very last one
+    scores[1, :, 64:128] = 50.0  # one whole block tied at the top
+    scores[2] -= 20.0  # all negative but the last row: the last block is chosen, past its end nothing counts
+    scores[2, :, -1] = 1.0
+    expected = search._top_rows(scores, None, k)
+    for layout in (scores, scores.transpose(1, 2).contiguous().transpose(1, 2)):
+        assert torch.equal(search._top_rows_of_many(layout, k), expected)
+    by_score_then_row = sorted(range(cells), key=lambda row: (-float(scores[2, 1, row]), row))
+    assert expected[2, 1].tolist() == by_score_then_row[:k]
+    assert expected[0, 0, 0] == cells - 1 and expected[2, 1, 0] == cells - 1
+
+
 def test_make_index_rejects_unknown_kind():
     with pytest.raises(ValueError, match="exact, faiss"):
         make_index("annoy", torch.zeros(1, 2, 3))

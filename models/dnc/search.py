@@ -41,6 +41,7 @@ NORM_EPSILON = 1e-6  # rows (and queries) shorter than this are scaled as if thi
 INDEXES = ("exact", "faiss")
 IVF_TRAINING_ROWS_PER_LIST = 40  # k-means samples per inverted list (FAISS warns below 39)
 SPARSE_FRACTION = 0.25  # ExactIndex scores only the non-zero rows while at most this share of them are
+BLOCK = 64  # rows per block of the two-round top-k over a whole memory (`_top_rows_of_many`)
 
 
 def import_faiss() -> Any:
@@ -176,7 +177,7 @@ class ExactIndex:
                 rows = torch.where(valid, self.rows[:, :count], torch.where(first.view(batch, 1), self.rows[:, :1], 0))
                 fill = torch.where(first, written[:, :, :1], scores[:, :, :1])  # [B, Q, 1]
                 scores.scatter_(2, rows.unsqueeze(1).expand_as(written), torch.where(valid.unsqueeze(1), written, fill))
-            return _top_rows(scores, None, k)
+            return _top_rows_of_many(scores, k)
         parts = []  # (scores [B, Q, M], rows [B, M]) of the candidates
         if self.base_rows.size(1):
             parts.append((self._scores(queries, self.base, self.base_inverse_norms, self.base_valid[:, :-1]),
@@ -303,12 +304,45 @@ class FaissIndex:
                 index.add_with_ids(np.ascontiguousarray(element_values[first]), unique_rows)
 
 
+def _top_rows_of_many(scores: Tensor, k: int) -> Tensor:
+    """`_top_rows(scores, None, k)` over many rows, in two rounds: the best k blocks of BLOCK rows by their
+    best score, then the best k of those blocks' rows.
+
+    Exact, ties included: order rows by (score descending, row ascending) and blocks by (best score
+    descending, block ascending). Every block ranked above a row's block holds a row ranked above that row
+    (its own best, whose row number is lower on a tie of bests, blocks being runs of rows), so a row of the
+    k best lies in one of the k best blocks. A full memory's search thus reads its [B, Q, N] scores once
+    (the maxima) instead of a top-k over all N (four times slower on the CPU at 65,536 rows).
+
+    Args:
+        scores: [B, Q, N] (any strides).
+
+    Returns:
+        [B, Q, min(k, N)] rows, best first.
+    """
+    count = scores.size(-1)
+    k = min(k, count)
+    blocks = count // BLOCK
+    if blocks < 4 * k:
+        return _top_rows(scores, None, k)
+    whole = blocks * BLOCK
+    maxima = scores[..., :whole].unflatten(-1, (blocks, BLOCK)).amax(-1)  # [B, Q, blocks]
+    if whole < count:  # a last, shorter block
+        maxima = torch.cat([maxima, scores[..., whole:].amax(-1, keepdim=True)], dim=-1)
+    chosen = _top_rows(maxima, None, k).sort(dim=-1).values  # [B, Q, k] blocks, ascending
+    rows = (chosen.unsqueeze(-1) * BLOCK + torch.arange(BLOCK, device=scores.device)).flatten(-2)  # [B, Q, k BLOCK]
+    inside = rows < count  # rows past the end of the last block
+    candidates = scores.gather(-1, rows.clamp_max(count - 1)).masked_fill_(~inside, float("-inf"))
+    return _top_rows(candidates, rows, k)
+
+
 def _top_rows(scores: Tensor, rows: Tensor | None, k: int) -> Tensor:
     """The k best candidates per query, ties going to the lower row number, best first.
 
     Args:
         scores: [B, Q, M] candidate scores (at least k finite per query).
-        rows: [B, M] the candidates' rows in ascending order, or None for rows 0..M-1.
+        rows: [B, M] (shared by the queries) or [B, Q, M] the candidates' rows, ascending, or None for
+            rows 0..M-1.
 
     Returns:
         [B, Q, k] rows.
@@ -328,7 +362,9 @@ def _top_rows(scores: Tensor, rows: Tensor | None, k: int) -> Tensor:
     places = places.gather(-1, scores.gather(-1, places).argsort(dim=-1, descending=True, stable=True))
     if rows is None:
         return places
-    return rows.unsqueeze(1).expand(-1, scores.size(1), -1).gather(-1, places)
+    if rows.dim() == 2:
+        rows = rows.unsqueeze(1).expand(-1, scores.size(1), -1)
+    return rows.gather(-1, places)
 
 
 def make_index(kind: str, memory: Tensor, lists: int | None = None, probes: int = 1,
