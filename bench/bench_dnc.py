@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "rather than an empty one, where the exact search scores only the written rows")
     parser.add_argument("--no-lstm-ratio", dest="lstm_ratio", action="store_false",
                         help="skip the DNC at 16 cells (eager and compiled) against an nn.LSTM of its controller")
+    parser.add_argument("--no-compiled-sparse", dest="compiled_sparse", action="store_false",
+                        help="skip SAM and SDNC at 1,024 cells eager against their compiled pieces")
     parser.add_argument("--no-rss", dest="rss", action="store_false",
                         help="skip the real memory growth (one fresh process per model)")
     parser.add_argument("--rss-of", dest="rss_of", nargs=2, metavar=("KIND", "CELLS"), default=None,
@@ -292,6 +294,27 @@ def lstm_ratio(args: argparse.Namespace, x: torch.Tensor, device: torch.device) 
             "compiled_dnc_over_lstm": ms["dnc-compiled"] / ms["lstm"]}
 
 
+def compiled_sparse(args: argparse.Namespace, x: torch.Tensor, device: torch.device, cells: int = 1024) -> dict:
+    """SAM and SDNC eager against their compiled pieces (`compile_steps`), forward+backward ms/step, interleaved."""
+    import copy
+
+    models = {}
+    for kind in ("SAM", "SDNC"):
+        eager = build(kind, cells, args, device)
+        compiled = copy.deepcopy(eager)
+        assert compiled.compile_steps()
+        models[kind], models[kind + "-compiled"] = eager, compiled
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(args.warmup + 2 + 3 * args.repeats):  # two more warm-ups: the compilation
+        for name, model in models.items():
+            elapsed = training_step(model, x)
+            if round_index >= args.warmup + 2:
+                seconds[name].append(elapsed)
+    ms = {name: 1000 * statistics.median(values) / args.steps for name, values in seconds.items()}
+    return {"cells": cells, "ms_per_step": ms,
+            "compiled_over_eager": {kind: ms[kind + "-compiled"] / ms[kind] for kind in ("SAM", "SDNC")}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.rss_of:
@@ -363,10 +386,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"DNC 16 cells / nn.LSTM (2 x {args.hidden}) per step, forward+backward: eager {ms['dnc']:.3f} / "
               f"{ms['lstm']:.3f} ms = {ratio['dnc_over_lstm']:.1f}x; compiled memory step {ms['dnc-compiled']:.3f} ms"
               f" = {ratio['compiled_dnc_over_lstm']:.1f}x (target <= 8)")
+    sparse = compiled_sparse(args, x, device) if args.compiled_sparse else None
+    if sparse is not None:
+        ms = sparse["ms_per_step"]
+        print(f"compiled pieces at {sparse['cells']:,} cells, ms/step forward+backward: "
+              + "; ".join(f"{kind} eager {ms[kind]:.2f}, compiled {ms[kind + '-compiled']:.2f} "
+                          f"({sparse['compiled_over_eager'][kind]:.2f}x)" for kind in ("SAM", "SDNC")))
     if args.plot is not None:
         plot(rows, args.plot)
     results = {"benchmark": "dnc", "machine": machine, "config": vars(args) | {"json": None, "plot": None},
-               "results": rows, "construction_seconds": construction, "checks": checks, "lstm_ratio": ratio}
+               "results": rows, "construction_seconds": construction, "checks": checks, "lstm_ratio": ratio,
+               "compiled_sparse": sparse}
     write_results(args.json, results)
     return results
 

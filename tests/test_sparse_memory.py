@@ -495,3 +495,42 @@ def test_faiss_index_gives_the_same_steps():
     reads_faiss, end_faiss = _run(with_faiss, state, xs)
     torch.testing.assert_close(reads, reads_faiss)
     torch.testing.assert_close(end["memory"], end_faiss["memory"])
+
+
+@pytest.mark.parametrize("kind", ["SAM", "SDNC"])
+def test_compiled_pieces_equal_eager(kind):
+    """`compile_steps` (`--compile`): the tensor arithmetic between the row stores and the search through
+    torch.compile (inductor on the CPU; the write keeps all C entries there) gives the eager step's reads,
+    end state and gradients, with padding rows too. From a random memory: at exact ties of score (a fresh
+    memory) a last-bit difference of the fused arithmetic may pick the other of two equal rows."""
+    import copy
+
+    from models.core import _COMPILED
+
+    generator = torch.Generator().manual_seed(4)
+    eager = make(kind, cells=12).double()
+    fast = copy.deepcopy(eager)
+    fast.compile_step = True
+    state = random_state(eager, 3, generator, dtype=torch.float64)
+    xs = torch.randn(5, 3, eager.input_size, generator=generator, dtype=torch.float64)
+    masks = torch.ones(5, 3, dtype=torch.bool)
+    masks[3:, 1] = False
+    results = []
+    for memory in (eager, fast):
+        start = {key: value.clone().requires_grad_(key == "memory") for key, value in state.items()}
+        context = memory.begin(start)
+        reads = torch.stack([memory.step(context, x, mask) for x, mask in zip(xs, masks)])
+        end = memory.end(context)
+        loss = reads.square().sum() + sum(value.sum() for value in end.values() if value.is_floating_point())
+        results.append((reads, end, torch.autograd.grad(loss, [start["memory"], *memory.parameters()])))
+    pieces = {"interface", "write_plan", "new_rows", "content_weights", "access_stamps"}
+    if kind == "SDNC":
+        pieces |= {"link_entries", "new_lists", "precedence", "temporal_top"}
+    assert set(_COMPILED[fast]) == pieces and eager not in _COMPILED
+    (reads, end, grads), (want_reads, want_end, want_grads) = results[1], results[0]
+    torch.testing.assert_close(reads, want_reads, rtol=1e-10, atol=1e-12)
+    assert end.keys() == want_end.keys()
+    for key in want_end:
+        torch.testing.assert_close(end[key], want_end[key], rtol=1e-10, atol=1e-12, msg=key)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

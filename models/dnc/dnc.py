@@ -307,8 +307,8 @@ class MemoryController(Core):
     # Forward.
 
     def compile_steps(self) -> bool:
-        """Each memory's step through `torch.compile`, where the memory has one (the DNC's dense memory;
-        SAM's and SDNC's sparse steps run eagerly)."""
+        """Each memory's step through `torch.compile`: the DNC's whole dense step; SAM's and SDNC's tensor
+        arithmetic between their row stores and searches (see `models.dnc.sparse_memory`)."""
         compiled = [memory for memory in self.memories if hasattr(memory, "compile_step")]
         for memory in compiled:
             memory.compile_step = True

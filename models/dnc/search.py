@@ -203,7 +203,7 @@ class ExactIndex:
         first[:, 1:] = members[:, 1:] != members[:, :-1]
         members_so_far = first.long().cumsum(1)  # distinct members up to each entry
         below = members - members_so_far + 1  # non-members below each member: non-decreasing
-        place = torch.searchsorted(below, wanted, right=True)  # entries whose member lies below the answer
+        place = torch.searchsorted(below.contiguous(), wanted, right=True)  # entries whose member lies below the answer
         counted = members_so_far.gather(1, (place - 1).clamp_min(0)) * (place > 0)
         return (wanted + counted).clamp_max(self.cells)
 
@@ -217,7 +217,7 @@ class ExactIndex:
     def update(self, rows: Tensor, values: Tensor) -> None:
         values = values.detach()
         if not self.dense and self.base_rows.size(1):  # a starting row written now: its starting value is stale
-            place = torch.searchsorted(self.base_rows, rows).clamp_max(self.base_rows.size(1) - 1)
+            place = torch.searchsorted(self.base_rows, rows.contiguous()).clamp_max(self.base_rows.size(1) - 1)
             listed = self.base_rows.gather(1, place) == rows
             self.base_valid.scatter_(1, torch.where(listed, place, self.base_rows.size(1)), False)
         first_index = first_occurrence(rows)  # [B, M]; repeats carry equal values

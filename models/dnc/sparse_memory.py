@@ -35,6 +35,13 @@ gradient of a gathered row to where its value was made (the state's tensor, or t
 this call), never through a dense [B, N, W] gradient per step. A fresh state (`initial_state`) is
 made of broadcast views, O(N) to make. Not supported: double backward through the memory.
 
+Compiled pieces (`compile_steps`, `--compile`): the row store and the search work on data-dependent
+rows and stay eager; the tensor arithmetic between them (the interface, the write's plan and its new
+rows, the content weights, the access stamps) runs through `torch.compile`, a few fused kernels per
+piece instead of dozens of small ones per step. Compiled, the write keeps all C entries (repeats with
+weight 0) instead of cutting them to the C' distinct rows, so that every step has the same shapes;
+the result is the same.
+
 Padding: with a mask, rows that are False leave every state tensor exactly as it was; their read
 vectors are computed as usual and are to be ignored.
 
@@ -53,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from models.core import compiled
 from models.dnc.search import INDEXES, NearestNeighbourIndex, cosine_similarity, first_occurrence, make_index
 
 ACCESS_THRESHOLD = 0.005  # a row counts as accessed when its read or write weight exceeds this (delta)
@@ -263,6 +271,76 @@ def is_first(first_index: Tensor) -> Tensor:
     return first_index == torch.arange(first_index.size(-1), device=first_index.device)
 
 
+def plan_write(usage: Tensor, read_positions: Tensor, read_weights: Tensor, write_gate: Tensor,
+               interpolation_gate: Tensor, read_heads: int, cut: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Paper eq. 5 on the C entries (the previous read entries, then the LRU row), merged per row.
+
+    Args:
+        usage: [B, N] last access steps; read_positions, read_weights: [B, R, E] of step t-1;
+        write_gate (alpha), interpolation_gate (gamma): [B, 1].
+        cut: keep only the first C' = max distinct rows over the batch (eager: less later work; the rest
+            are repeats), or all C (compiled: the same shapes every step).
+
+    Returns:
+        least_used: [B, 1] the LRU row U.
+        lru_share: [B, 1] alpha (1 - gamma), the LRU row's write weight.
+        positions: [B, C'] the written rows, each row's first entry first (repeats at the end).
+        weights: [B, C'] w^W of the row at its first entry, 0 at repeats.
+        row_weights: [B, C'] w^W of the entry's row.
+    """
+    batch = usage.size(0)
+    least_used = usage.argmin(dim=1, keepdim=True)  # [B, 1]
+    positions = torch.cat([read_positions.reshape(batch, -1), least_used], dim=1)  # [B, C]
+    previous_reads = read_weights.reshape(batch, -1) / read_heads  # mean over heads: [B, R E]
+    lru_share = write_gate * (1 - interpolation_gate)  # alpha (1 - gamma): [B, 1]
+    weights = torch.cat([write_gate * interpolation_gate * previous_reads, lru_share], dim=1)  # [B, C]
+    totals, first_index = sum_over_repeats(positions, weights)  # [B, C] each
+    distinct = is_first(first_index)
+    order = distinct.to(torch.uint8).argsort(dim=1, descending=True, stable=True)  # each row's first entry first
+    if cut:
+        order = order[:, :int(distinct.sum(1).max())]  # [B, C']
+    row_weights = totals.gather(1, first_index.gather(1, order))
+    return least_used, lru_share, positions.gather(1, order), totals.gather(1, order), row_weights
+
+
+def written_rows(old_rows: Tensor, positions: Tensor, least_used: Tensor, lru_share: Tensor, row_weights: Tensor,
+                 write_vector: Tensor, mask: Tensor | None) -> Tensor:
+    """The rows after the write: [B, C', W] (old_rows [B, C', W] at positions [B, C'], `plan_write`'s outputs,
+    write_vector a [B, W]; padding rows of mask [B] keep their old rows)."""
+    # The LRU row is erased by its own share of the write, alpha (1 - gamma), then every row adds its share of a.
+    erase = torch.where(positions == least_used, lru_share, 0).unsqueeze(-1)  # [B, C', 1]
+    new_rows = (1 - erase) * old_rows + row_weights.unsqueeze(-1) * write_vector.unsqueeze(1)
+    if mask is not None:
+        new_rows = torch.where(mask.view(-1, 1, 1), new_rows, old_rows)
+    return new_rows
+
+
+def access_stamps(step: Tensor, write_positions: Tensor, row_weights: Tensor, read_positions: Tensor,
+                  read_weights: Tensor, mask: Tensor | None, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows a step accessed and their new last-access stamps.
+
+    Args:
+        step: [B] steps taken before this one; write_positions, row_weights: [B, C'] (`plan_write`);
+        read_positions, read_weights: [B, R, E] this step's reads; mask: [B] or None (padding rows
+        access nothing and do not count the step); threshold: delta.
+
+    Returns:
+        positions: [B, C' + R E] rows; stamps: [B, C' + R E] the step number where the row's total write
+        weight or one head's total read weight on it exceeds delta, else NEVER (for scatter amax);
+        now: [B] the steps taken after this one.
+    """
+    batch = step.size(0)
+    now = step + 1  # [B]
+    positions = torch.cat([write_positions, read_positions.reshape(batch, -1)], dim=1)  # [B, C' + R E]
+    read_totals = sum_over_repeats(read_positions, read_weights)[0]  # per head and row: [B, R, E]
+    accessed = torch.cat([row_weights, read_totals.reshape(batch, -1)], dim=1) > threshold
+    if mask is not None:
+        accessed = accessed & mask.unsqueeze(-1)
+        now = torch.where(mask, now, step)
+    return positions, torch.where(accessed, now.unsqueeze(-1), NEVER), now
+
+
 def oneplus(x: Tensor) -> Tensor:
     """1 + softplus(x): the strengths' activation, in [1, inf)."""
     return 1 + F.softplus(x)
@@ -357,6 +435,7 @@ class SparseMemory(nn.Module):
                 {part: nn.Linear(input_size, size) for part, size in self.interface_sizes.items()})
         else:
             self.interface_layer = nn.Linear(input_size, self.interface_size)
+        self.compile_step = False  # the step's tensor arithmetic through torch.compile (`compile_steps`)
 
     @property
     def read_entries(self) -> int:
@@ -480,7 +559,7 @@ class SparseMemory(nn.Module):
         if mask is not None and (mask.shape != (batch,) or mask.dtype != torch.bool):
             raise ValueError(f"{name}.step: mask must be a bool tensor of shape [{batch}], "
                              f"got {mask.dtype} {tuple(mask.shape)}")
-        interface = self.interface(xi)
+        interface = compiled(self, "interface", self.interface)(xi)
         write_positions, write_weights, row_weights = self._write(ctx, interface, mask)
         self._after_write(ctx, write_positions, write_weights, row_weights, mask)
         positions, weights, rows = self._read(ctx, interface)
@@ -497,37 +576,22 @@ class SparseMemory(nn.Module):
 
     def _write(self, ctx: SparseMemoryContext, interface: SparseInterface,
                mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Paper eq. 5 and the erase/add write on the previously read rows and the LRU row.
-
-        The C entries (the previous read entries, then the LRU row) are merged per row and the distinct
-        rows moved to the front; only the first C' = max distinct rows over the batch are kept (the rest
-        are repeats), so the later work is on C' <= C rows.
+        """Paper eq. 5 and the erase/add write on the previously read rows and the LRU row (`plan_write`,
+        `written_rows`): C' <= C rows eagerly, all C compiled.
 
         Returns:
             positions: [B, C'] the written rows (the LRU row among them; repeats possible at the end).
             weights: [B, C'] w^W of the row at its first entry, 0 at repeats.
             row_weights: [B, C'] w^W of the entry's row.
         """
-        batch = ctx.memory.shape[0]
-        least_used = ctx.usage.argmin(dim=1, keepdim=True)  # [B, 1]
+        plan = compiled(self, "write_plan", plan_write)
+        least_used, lru_share, positions, weights, row_weights = plan(
+            ctx.usage, ctx.read_positions, ctx.read_weights, interface.write_gate, interface.interpolation_gate,
+            self.read_heads, not self.compile_step)
         ctx.least_used = least_used.squeeze(1)
-        positions = torch.cat([ctx.read_positions.reshape(batch, -1), least_used], dim=1)  # [B, C]
-        gate = interface.interpolation_gate  # [B, 1]
-        previous_reads = ctx.read_weights.reshape(batch, -1) / self.read_heads  # mean over heads: [B, R E]
-        lru_share = interface.write_gate * (1 - gate)  # alpha (1 - gamma): [B, 1]
-        weights = torch.cat([interface.write_gate * gate * previous_reads, lru_share], dim=1)  # [B, C]
-        totals, first_index = sum_over_repeats(positions, weights)  # [B, C] each
-        distinct = is_first(first_index)
-        order = distinct.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
-        order = order[:, :int(distinct.sum(1).max())]  # [B, C']: each row's first entry first
-        positions, weights = positions.gather(1, order), totals.gather(1, order)
-        row_weights = totals.gather(1, first_index.gather(1, order))
         old_rows = ctx.memory.gather(positions)  # [B, C', W]
-        # The LRU row is erased by its own share of the write, alpha (1 - gamma), then every row adds its share of a.
-        erase = torch.where(positions == least_used, lru_share, 0).unsqueeze(-1)  # [B, C', 1]
-        new_rows = (1 - erase) * old_rows + row_weights.unsqueeze(-1) * interface.write_vector.unsqueeze(1)
-        if mask is not None:
-            new_rows = torch.where(mask.view(batch, 1, 1), new_rows, old_rows)
+        new_rows = compiled(self, "new_rows", written_rows)(old_rows, positions, least_used, lru_share, row_weights,
+                                                            interface.write_vector, mask)
         ctx.memory.write(positions, new_rows)
         ctx.index.update(positions, new_rows.detach())
         return positions, weights, row_weights
@@ -546,7 +610,7 @@ class SparseMemory(nn.Module):
         """
         positions = ctx.index.search(interface.read_queries.detach(), self.sparse_reads)  # [B, R, K]
         rows = ctx.memory.gather(positions)  # [B, R, K, W]
-        return positions, self._content_weights(interface, rows), rows
+        return positions, compiled(self, "content_weights", self._content_weights)(interface, rows), rows
 
     @staticmethod
     def _content_weights(interface: SparseInterface, rows: Tensor) -> Tensor:
@@ -557,17 +621,10 @@ class SparseMemory(nn.Module):
     def _update_usage(self, ctx: SparseMemoryContext, write_positions: Tensor, row_weights: Tensor,
                       read_positions: Tensor, read_weights: Tensor, mask: Tensor | None) -> None:
         """last_access = t where a row is written (total weight) or read (by a head) above the threshold."""
-        batch = ctx.usage.size(0)
-        now = ctx.step + 1  # [B]
-        positions = torch.cat([write_positions, read_positions.reshape(batch, -1)], dim=1)  # [B, C + R E]
-        read_totals = sum_over_repeats(read_positions, read_weights.detach())[0]  # per head and row: [B, R, E]
-        accessed = torch.cat([row_weights.detach(), read_totals.reshape(batch, -1)], dim=1) > self.access_threshold
-        if mask is not None:
-            accessed = accessed & mask.unsqueeze(-1)
-            now = torch.where(mask, now, ctx.step)
-        stamps = torch.where(accessed, now.unsqueeze(-1), NEVER)  # [B, C + R E]
+        stamps = compiled(self, "access_stamps", access_stamps)
+        positions, stamps, ctx.step = stamps(ctx.step, write_positions, row_weights.detach(), read_positions,
+                                             read_weights.detach(), mask, self.access_threshold)
         ctx.usage.scatter_reduce_(1, positions, stamps, reduce="amax")
-        ctx.step = now
 
     def end(self, ctx: SparseMemoryContext) -> dict[str, Tensor]:
         """The state after the steps (a new dict; keys and shapes as `initial_state`)."""

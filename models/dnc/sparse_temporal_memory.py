@@ -25,6 +25,9 @@ rows and the LRU row. Links persist across steps and calls; they are never reset
 Differentiability and memory are as in SAM: the link values are `RowStore`s, so only the gathered and
 rewritten list rows carry gradients, and nothing of size N is saved per step.
 
+Compiled (`compile_steps`): as in SAM, the tensor arithmetic between the list stores' gathers and writes
+(`link_entries`, `new_lists`, `update_precedence`, `temporal_top`) runs through `torch.compile`.
+
 Shapes as in `sparse_memory.py`, plus `L` = K_L, and `U` entries of L touched by one step.
 """
 
@@ -35,6 +38,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from models.core import compiled
 from models.dnc.sparse_memory import (
     ACCESS_THRESHOLD,
     RowStore,
@@ -187,42 +191,19 @@ class SparseTemporalMemory(SparseMemory):
         old = torch.cat([ctx.link_value.gather(write_positions).view(batch, -1),
                          ctx.rev_link_value.gather(column_owners).view(batch, -1),
                          row_weights.new_zeros(batch, written * links)], dim=1)  # [B, U]
-        is_new = torch.zeros_like(rows)
-        is_new[:, -written * links:] = 1
-        # One entry per (i, j): sort by (i, j) with existing entries before new ones, keep the first.
-        keys, order = ((rows * cells + columns) * 2 + is_new).sort(dim=1)
-        rows, columns, old = rows.gather(1, order), columns.gather(1, order), old.gather(1, order)
-        pairs = keys // 2
-        unique = torch.ones_like(pairs, dtype=torch.bool)
-        unique[:, 1:] = pairs[:, 1:] != pairs[:, :-1]
-
-        row_weight, column_weight = _lookup(write_positions, row_weights, torch.cat([rows, columns], 1)).chunk(2, 1)
-        column_precedence = _lookup(precedence_index, ctx.precedence, columns)  # p_{t-1}[j]
-        values = ((1 - row_weight - column_weight) * old + row_weight * column_precedence) * (rows != columns)
-
-        with torch.no_grad():  # which entries stay: non-zero, among the L largest of their row and column
-            score = torch.where(unique, values.detach(), -1.0)
-            ranks = rank_in_groups(torch.cat([rows, columns]), score.repeat(2, 1))  # [2 B, U]
-            keep = unique & (score > 0) & (ranks < links).view(2, batch, -1).all(0)
+        entries = compiled(self, "link_entries", link_entries)
+        owners, partners, values, keep, group_first, group_start = entries(
+            rows, columns, old, write_positions, row_weights, precedence_index, ctx.precedence, cells, links)
         # The row lists (link_*) are owned by the rows, the column lists (rev_link_*) by the columns.
-        _rewrite_lists((ctx.link_index, ctx.rev_link_index), (ctx.link_value, ctx.rev_link_value),
-                       torch.cat([rows, columns]), torch.cat([columns, rows]), values.repeat(2, 1),
-                       keep.repeat(2, 1), cells, None if mask is None else mask.repeat(2))
+        _rewrite_lists(self, (ctx.link_index, ctx.rev_link_index), (ctx.link_value, ctx.rev_link_value),
+                       owners, partners, values, keep, group_first, group_start, cells,
+                       None if mask is None else mask.repeat(2))
 
     def _update_precedence(self, ctx: SparseTemporalMemoryContext, write_positions: Tensor,
                            write_weights: Tensor, mask: Tensor | None) -> None:
         """p = (1 - sum w) p_{t-1} + w over the old entries and the written rows, cut to the L largest."""
-        kept = (1 - write_weights.sum(1, keepdim=True)) * ctx.precedence  # [B, L]
-        positions = torch.cat([ctx.precedence_index, write_positions], dim=1)  # [B, L + C]
-        totals, first_index = sum_over_repeats(positions, torch.cat([kept, write_weights], dim=1))
-        score = torch.where(is_first(first_index), totals.detach(), -1.0)  # repeats last: L distinct rows
-        top = score.topk(self.temporal_reads, dim=1).indices  # [B, L]
-        index, precedence = positions.gather(1, top), totals.gather(1, top)
-        if mask is not None:
-            keep = mask.unsqueeze(-1)
-            index = torch.where(keep, index, ctx.precedence_index)
-            precedence = torch.where(keep, precedence, ctx.precedence)
-        ctx.precedence_index, ctx.precedence = index, precedence
+        ctx.precedence_index, ctx.precedence = compiled(self, "precedence", update_precedence)(
+            ctx.precedence_index, ctx.precedence, write_positions, write_weights, mask, self.temporal_reads)
 
     def _read(self, ctx: SparseTemporalMemoryContext, interface: SparseInterface) -> tuple[Tensor, Tensor, Tensor]:
         """Content rows, then forward and backward rows from the links; weights mixed by the read modes."""
@@ -230,7 +211,8 @@ class SparseTemporalMemory(SparseMemory):
         content_positions = ctx.index.search(interface.read_queries.detach(), self.sparse_reads)  # [B, R, K]
         positions = torch.cat([content_positions, forward_positions, backward_positions], dim=-1)  # [B, R, E]
         rows = ctx.memory.gather(positions)  # [B, R, E, W]
-        content = self._content_weights(interface, rows[:, :, :self.sparse_reads])  # [B, R, K]
+        content = compiled(self, "content_weights", self._content_weights)(
+            interface, rows[:, :, :self.sparse_reads])  # [B, R, K]
         backward_mode, content_mode, forward_mode = interface.read_modes.unsqueeze(-1).unbind(2)  # 3 x [B, R, 1]
         weights = torch.cat([content_mode * content, forward_mode * forward, backward_mode * backward], dim=-1)
         return positions, weights, rows
@@ -250,18 +232,90 @@ class SparseTemporalMemory(SparseMemory):
         # forward from the column lists, backward from the row lists, stacked on the batch: [2 B, R E, L]
         targets = torch.cat([ctx.rev_link_index.gather(previous), ctx.link_index.gather(previous)]).long()
         values = torch.cat([ctx.rev_link_value.gather(previous), ctx.link_value.gather(previous)])
-        contributions = ctx.read_weights.repeat(2, 1, 1).unsqueeze(-1) * values.view(2 * batch, heads, entries, -1)
-        targets = targets.view(2 * batch, heads, -1)  # [2 B, R, E L]
-        totals, first_index = sum_over_repeats(targets, contributions.view(2 * batch, heads, -1))
-        score = torch.where(is_first(first_index), totals.detach(), -1.0)
-        top = score.topk(self.temporal_reads, dim=-1).indices  # [2 B, R, L]
-        return targets.gather(-1, top).chunk(2), totals.gather(-1, top).chunk(2)
+        return compiled(self, "temporal_top", temporal_top)(ctx.read_weights, targets, values, self.temporal_reads)
+
+
+def link_entries(rows: Tensor, columns: Tensor, old: Tensor, write_positions: Tensor, row_weights: Tensor,
+                 precedence_index: Tensor, precedence: Tensor, cells: int, links: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The link update on the U entries it may change, and which of them stay.
+
+    Args:
+        rows, columns, old: [B, U] the entries (i, j, L_{t-1}[i, j]); the last C L are the new ones (old 0).
+        write_positions, row_weights: [B, C'] the written rows and their write weights.
+        precedence_index, precedence: [B, L] p_{t-1}.
+
+    Returns:
+        The entries for the two kinds of lists, stacked on the batch ([2 B, U]: the row lists, owned by
+        the rows, then the column lists, owned by the columns), sorted by (owner, partner): owners,
+        partners, values L_t[i, j], keep (the entries that stay: one per (i, j), non-zero, among the L
+        largest of their row and column), group_first (an owner's first entry) and group_start (the place
+        of its owner's first entry).
+    """
+    batch, count = rows.shape
+    written = write_positions.size(1)
+    is_new = torch.zeros_like(rows)
+    is_new[:, count - written * links:] = 1
+    # One entry per (i, j): sort by (i, j) with existing entries before new ones, keep the first.
+    keys, order = ((rows * cells + columns) * 2 + is_new).sort(dim=1)
+    rows, columns, old = rows.gather(1, order), columns.gather(1, order), old.gather(1, order)
+    pairs = keys // 2
+    unique = torch.ones_like(pairs, dtype=torch.bool)
+    unique[:, 1:] = pairs[:, 1:] != pairs[:, :-1]
+
+    row_weight, column_weight = _lookup(write_positions, row_weights, torch.cat([rows, columns], 1)).chunk(2, 1)
+    column_precedence = _lookup(precedence_index, precedence, columns)  # p_{t-1}[j]
+    values = ((1 - row_weight - column_weight) * old + row_weight * column_precedence) * (rows != columns)
+
+    with torch.no_grad():  # which entries stay: non-zero, among the L largest of their row and column
+        score = torch.where(unique, values.detach(), -1.0)
+        ranks = rank_in_groups(torch.cat([rows, columns]), score.repeat(2, 1))  # [2 B, U]
+        keep = unique & (score > 0) & (ranks < links).view(2, batch, -1).all(0)
+    return _by_owner(torch.cat([rows, columns]), torch.cat([columns, rows]), values.repeat(2, 1),
+                     keep.repeat(2, 1), cells)
+
+
+def update_precedence(precedence_index: Tensor, precedence: Tensor, write_positions: Tensor, write_weights: Tensor,
+                      mask: Tensor | None, links: int) -> tuple[Tensor, Tensor]:
+    """p = (1 - sum w) p_{t-1} + w over the old entries [B, L] and the written rows [B, C'], cut to the L
+    largest: (rows [B, L], values [B, L]); padding rows of mask [B] keep theirs."""
+    kept = (1 - write_weights.sum(1, keepdim=True)) * precedence  # [B, L]
+    positions = torch.cat([precedence_index, write_positions], dim=1)  # [B, L + C']
+    totals, first_index = sum_over_repeats(positions, torch.cat([kept, write_weights], dim=1))
+    score = torch.where(is_first(first_index), totals.detach(), -1.0)  # repeats last: L distinct rows
+    top = score.topk(links, dim=1).indices  # [B, L]
+    index, values = positions.gather(1, top), totals.gather(1, top)
+    if mask is not None:
+        keep = mask.unsqueeze(-1)
+        index = torch.where(keep, index, precedence_index)
+        values = torch.where(keep, values, precedence)
+    return index, values
+
+
+def temporal_top(read_weights: Tensor, targets: Tensor, values: Tensor, links: int
+                 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Forward and backward read weights from the lists of the rows read at t-1, each cut to its L largest.
+
+    Args:
+        read_weights: [B, R, E] w^R_{t-1}.
+        targets, values: [2 B, R E, L] the column lists (forward) then the row lists (backward) of those rows.
+
+    Returns:
+        (forward rows, backward rows), (forward weights, backward weights): [B, R, L] each.
+    """
+    batch, heads, entries = read_weights.shape
+    contributions = read_weights.repeat(2, 1, 1).unsqueeze(-1) * values.view(2 * batch, heads, entries, -1)
+    targets = targets.view(2 * batch, heads, -1)  # [2 B, R, E L]
+    totals, first_index = sum_over_repeats(targets, contributions.view(2 * batch, heads, -1))
+    score = torch.where(is_first(first_index), totals.detach(), -1.0)
+    top = score.topk(links, dim=-1).indices  # [2 B, R, L]
+    return targets.gather(-1, top).chunk(2), totals.gather(-1, top).chunk(2)
 
 
 def _lookup(positions: Tensor, values: Tensor, query: Tensor) -> Tensor:
     """values [B, M] at positions [B, M] (repeats must carry equal values), read at rows query [B, U]; 0 elsewhere."""
     ordered, order = positions.sort(dim=1)
-    place = torch.searchsorted(ordered, query).clamp_max(positions.size(1) - 1)
+    place = torch.searchsorted(ordered.contiguous(), query.contiguous()).clamp_max(positions.size(1) - 1)
     found = ordered.gather(1, place) == query
     return torch.where(found, values.gather(1, order.gather(1, place)), 0)
 
@@ -280,38 +334,65 @@ def rank_in_groups(groups: Tensor, scores: Tensor) -> Tensor:
     return torch.empty_like(places).scatter_(1, order, places - group_start)
 
 
-def _rewrite_lists(indexes: tuple[RowStore, RowStore], value_stores: tuple[RowStore, RowStore], owners: Tensor,
-                   partners: Tensor, values: Tensor, keep: Tensor, cells: int, mask: Tensor | None) -> None:
-    """Rewrite the lists of every owner in `owners` after an update of some of their entries.
-
-    Two kinds of lists at once, stacked on the batch: the first half of the rows of the arguments
-    belongs to the first store of each pair, the second half to the second.
-
-    Args:
-        indexes: two [B, N, L] stores of the lists' partners.
-        value_stores: two [B, N, L] stores of the lists' values.
-        owners, partners: [2 B, U] the updated entries (owner's list, partner in it; repeats allowed).
-        values: [2 B, U] their new values.
-        keep: [2 B, U] bool, the entries that stay (one per (owner, partner) at most; at most L per owner
-            together with the owner's entries that were not updated).
-        cells: N.
-        mask: [2 B] bool or None; False batch rows keep their lists.
-    """
+def _by_owner(owners: Tensor, partners: Tensor, values: Tensor, keep: Tensor, cells: int
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Updated list entries [2 B, U] sorted by (owner, partner), with each owner's first entry
+    (group_first) and the place of its owner's first entry (group_start): see `link_entries`."""
     batch, updated = owners.shape
-    links = indexes[0].shape[2]
-    keys, order = (owners * cells + partners).sort(dim=1)
+    order = (owners * cells + partners).sort(dim=1).indices
     owners, partners = owners.gather(1, order), partners.gather(1, order)
     keep, values = keep.gather(1, order), values.gather(1, order)
     places = torch.arange(updated, device=owners.device).expand(batch, updated)
     group_first = torch.ones_like(keep)
     group_first[:, 1:] = owners[:, 1:] != owners[:, :-1]
     group_start = torch.where(group_first, places, 0).cummax(dim=1).values  # [B, U]
+    return owners, partners, values, keep, group_first, group_start
+
+
+def _rewrite_lists(module: SparseTemporalMemory, indexes: tuple[RowStore, RowStore],
+                   value_stores: tuple[RowStore, RowStore], owners: Tensor, partners: Tensor, values: Tensor,
+                   keep: Tensor, group_first: Tensor, group_start: Tensor, cells: int, mask: Tensor | None) -> None:
+    """Rewrite the lists of every owner in `owners` after an update of some of their entries.
+
+    Two kinds of lists at once, stacked on the batch: the first half of the rows of the arguments
+    belongs to the first store of each pair, the second half to the second.
+
+    Args:
+        module: the memory (whose `compile_step` decides whether `new_lists` is compiled).
+        indexes: two [B, N, L] stores of the lists' partners.
+        value_stores: two [B, N, L] stores of the lists' values.
+        owners, partners: [2 B, U] the updated entries (owner's list, partner in it; repeats allowed),
+            sorted by (owner, partner) (`_by_owner`).
+        values: [2 B, U] their new values.
+        keep: [2 B, U] bool, the entries that stay (one per (owner, partner) at most; at most L per owner
+            together with the owner's entries that were not updated).
+        group_first, group_start: [2 B, U] from `_by_owner`.
+        cells: N.
+        mask: [2 B] bool or None; False batch rows keep their lists.
+    """
     # The owners' old lists; their entries that were not updated are carried over unchanged.
     halves = owners.chunk(2)
     old_partners = torch.cat([store.gather(half) for store, half in zip(indexes, halves)]).long()  # [2 B, U, L]
     old_values = torch.cat([store.gather(half) for store, half in zip(value_stores, halves)])  # [2 B, U, L]
+    new_partners, new_values = compiled(module, "new_lists", new_lists)(
+        owners, partners, values, keep, group_first, group_start, old_partners, old_values, cells, mask)
+    for store, half, part in zip(indexes, halves, new_partners.chunk(2)):
+        store.write(half, part)
+    for store, half, part in zip(value_stores, halves, new_values.chunk(2)):
+        store.write(half, part)
+
+
+def new_lists(owners: Tensor, partners: Tensor, values: Tensor, keep: Tensor, group_first: Tensor,
+              group_start: Tensor, old_partners: Tensor, old_values: Tensor, cells: int, mask: Tensor | None
+              ) -> tuple[Tensor, Tensor]:
+    """The owners' new lists: partners and values [2 B, U, L] (every entry gets its owner's list), from the
+    updated entries (`_rewrite_lists`) and the owners' old lists [2 B, U, L]."""
+    batch, updated = owners.shape
+    links = old_partners.size(2)
+    places = torch.arange(updated, device=owners.device).expand(batch, updated)
+    keys = owners * cells + partners  # ascending
     old_keys = (owners.unsqueeze(-1) * cells + old_partners).view(batch, -1)  # [2 B, U L]
-    found = torch.searchsorted(keys, old_keys).clamp_max(updated - 1)
+    found = torch.searchsorted(keys.contiguous(), old_keys.contiguous()).clamp_max(updated - 1)
     updated_entry = (keys.gather(1, found) == old_keys).view(batch, updated, links)
     carried = group_first.unsqueeze(-1) & ~updated_entry & (old_values.detach() > 0)  # [2 B, U, L]
     # Slots: an owner's kept entries first (in partner order), then its carried ones.
@@ -341,7 +422,4 @@ def _rewrite_lists(indexes: tuple[RowStore, RowStore], value_stores: tuple[RowSt
         unchanged = ~mask.view(batch, 1, 1)
         new_values = torch.where(unchanged, old_values, new_values)
         new_partners = torch.where(unchanged, old_partners, new_partners)
-    for store, half, part in zip(indexes, halves, new_partners.chunk(2)):
-        store.write(half, part)
-    for store, half, part in zip(value_stores, halves, new_values.chunk(2)):
-        store.write(half, part)
+    return new_partners, new_values
