@@ -8,8 +8,9 @@ One step, with `t-1` marking the state it starts from, R read heads and K = min(
     LRU         U = argmin_n last_access[n]                          the least recently accessed row
     write       w^W = alpha (gamma w^R_{t-1} + (1 - gamma) 1_U)       paper eq. 5; w^R_{t-1} = the R heads'
                                                                       read weights of step t-1, averaged
-                M = (1 - alpha (1 - gamma) 1_U 1^T) M_{t-1} + w^W a^T  row U is erased by its share of the
-                                                                      write, then every row gets its share of a
+                M = (1 - 1_U 1^T) M_{t-1} + w^W a^T                    the write section's R_t = I^U 1^T: row
+                                                                      U is set to zero, then every row gets its
+                                                                      share of a (the published port does so too)
     read        S_h = the K rows n of largest cos(q_h, M[n])          exact search, or FAISS (`search.py`)
                 w^R_h[n] = softmax_{n in S_h}(beta_h cos(q_h, M[n]));  r_h = sum_{n in S_h} w^R_h[n] M[n]
     usage       last_access[n] = t for every row written with a total weight > delta, or read by some
@@ -523,8 +524,8 @@ class SparseMemory(nn.Module):
         positions, weights = positions.gather(1, order), totals.gather(1, order)
         row_weights = totals.gather(1, first_index.gather(1, order))
         old_rows = ctx.memory.gather(positions)  # [B, C', W]
-        # The LRU row is erased by its own share of the write, alpha (1 - gamma), then every row adds its share of a.
-        erase = torch.where(positions == least_used, lru_share, 0).unsqueeze(-1)  # [B, C', 1]
+        # The paper's erase R_t = I^U 1^T sets the LRU row to zero whatever the gates; then every row adds its share of a.
+        erase = (positions == least_used).to(old_rows.dtype).unsqueeze(-1)  # [B, C', 1]
         new_rows = (1 - erase) * old_rows + row_weights.unsqueeze(-1) * interface.write_vector.unsqueeze(1)
         if mask is not None:
             new_rows = torch.where(mask.view(batch, 1, 1), new_rows, old_rows)
