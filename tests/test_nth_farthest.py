@@ -111,6 +111,25 @@ def test_bad_sizes_are_value_errors():
         nth_farthest.NthFarthest(4, 0)
 
 
+def test_model_rmc_alone_is_the_papers_rmc_with_the_seeds_training():
+    """`--model RMC` and nothing else: 8 slots, 8 heads of 32, key size = head size (Sonnet's and the seed's
+    default; the language model's flags default to 1 slot, 4 x 192, key 64), 1 block, 2 MLP layers,
+    unit gates; the output MLP 4 x 256 on the 8 x 256 memory; Adam 1e-4, batch 1600, clip 0.1 and a
+    constant rate (the seed's plateau schedule is never stepped)."""
+    args = train_nth_farthest.build_parser().parse_args(["--model", "RMC"])
+    task = train_nth_farthest.make_task(args)
+    config = training.tasks.task_model_config_from_args(args, task)
+    core = config.core_config
+    assert (core["mem_slots"], core["num_heads"], core["head_size"], core["num_blocks"]) == (8, 8, 32, 1)
+    assert core["attention_mlp_layers"] == 2 and core["gate_style"] == "unit"
+    with torch.device("meta"):
+        model = models.TaskModel(config)
+    assert model.core.key_size == 32 and model.core.output_size == 2048
+    assert config.mlp_sizes == [256, 256, 256, 256]
+    assert (args.optimizer, args.lr, args.batch_size, args.clip, args.lr_decay) == ("adam", 1e-4, 1600, 0.1, 1.0)
+    assert train_nth_farthest.build_parser().parse_args(["--model", "RMC", "--keysize", "16"]).key_size == 16
+
+
 # --------------------------------------------------------------------------- the loop
 
 
