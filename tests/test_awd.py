@@ -185,6 +185,9 @@ def test_variable_bptt_scales_the_steps_learning_rate(corpus_dir, tmp_path, monk
         ([5.0, 4.0, 3.0], 3.5, 5, False),  # not enough evaluations yet
         ([5.0, 4.0, 3.9, 3.8, 3.7, 3.6], 3.5, 5, False),  # still improving on the old best
         ([5.0, 4.0, 3.9, 3.8, 3.7, 3.6], 5.1, 5, True),  # worse than the best of all but the last 5
+        ([5.0, 4.0, 3.9, 3.8, 3.7, 3.6], 3.65, 5, False),  # worse than the best of all (3.6), not of [5.0]
+        ([5.0, 4.0, 3.9, 3.8, 3.7, 3.6], 4.5, 5, False),  # the last 5 (4.0 among them) are left out
+        ([5.0, 4.0, 3.9, 3.8, 3.7, 3.6], 4.5, 4, True),  # ... but not with nonmono 4: best of [5.0, 4.0]
         ([3.0, 4.0, 3.9, 3.8, 3.7, 3.6], 3.5, 5, True),
         ([3.0, 4.0, 3.9, 3.8, 3.7, 3.6], 3.0, 5, False),  # equal is not worse
         ([3.0, 4.0], 3.5, 1, True),
@@ -193,6 +196,9 @@ def test_variable_bptt_scales_the_steps_learning_rate(corpus_dir, tmp_path, monk
 )
 def test_nt_asgd_trigger(history, loss, nonmono, expected):
     assert nt_asgd_triggered(history, loss, nonmono) is expected
+    # the reference main.py's condition, written out as it is there
+    reference = len(history) > nonmono and loss > min(history[:-nonmono]) if nonmono else False
+    assert reference is expected
 
 
 def scripted_validation(monkeypatch, losses):
@@ -228,6 +234,46 @@ def test_nt_asgd_switches_and_evaluates_with_averaged_weights(corpus_dir, tmp_pa
     params = [p for p in best["model"].values()]
     assert any(torch.equal(p, a) for p in params for a in averages if p.shape == a.shape)
     assert not torch.equal(checkpoint["model"]["core.layers.0.weight_hh_l0"], best["model"]["core.layers.0.weight_hh_l0"])
+
+
+def test_when_divides_the_rate_only_outside_averaging(corpus_dir, tmp_path, monkeypatch):
+    """AWD-LSTM's main.py divides by 10 at the end of an epoch in --when only in its non-ASGD branch: after
+    epoch 1 (SGD: 5 -> 0.5); after epoch 3, the switch, the new ASGD starts at --lr 5 and is divided in the
+    same branch (0.5); after epoch 4, under ASGD, --when does nothing (the rate stays 0.5)."""
+    scripted_validation(monkeypatch, [5.0, 4.0, 6.0, 3.0])  # the switch after epoch 3
+    run_dir = tmp_path / "run"
+    awd_main.main(["--data", str(corpus_dir), "--run-dir", str(run_dir), *AWD_FLAGS, "--epochs", "4",
+                   "--nonmono", "1", "--when", "1", "3", "4"])
+    assert [e["epoch"] for e in read_events(run_dir, "asgd")] == [3]
+    assert [e["lr"] for e in read_events(run_dir, "valid")] == [5.0, 0.5, 0.5, 0.5]  # each epoch's rate
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.5)
+    assert "ax" in next(iter(checkpoint["optimizer"]["state"].values()))
+
+
+def test_plateau_schedule_is_rebuilt_on_the_averaged_optimiser(corpus_dir, tmp_path, monkeypatch):
+    """The switch replaces the optimiser; the plateau schedule is rebuilt on the new one (a schedule left on
+    the old SGD would change a rate nothing uses). --lr-decay 0.5 --patience 0 halves on every evaluation
+    that does not improve: epoch 2 halves SGD's rate, epochs 4 and 5 the ASGD's, which starts from --lr."""
+    scripted_validation(monkeypatch, [5.0, 6.0, 7.0, 8.0, 9.0])
+    run_dir = tmp_path / "run"
+    awd_main.main(["--data", str(corpus_dir), "--run-dir", str(run_dir), *AWD_FLAGS, "--epochs", "5",
+                   "--nonmono", "1", "--lr-decay", "0.5", "--patience", "0"])
+    assert [e["epoch"] for e in read_events(run_dir, "asgd")] == [3]
+    assert [e["lr"] for e in read_events(run_dir, "valid")] == [5.0, 5.0, 2.5, 5.0, 2.5]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1.25)
+
+
+def test_finetune_caps_variable_bptt_at_bptt_plus_10(corpus_dir, tmp_path):
+    """AWD-LSTM's finetune.py caps the drawn window at bptt + 10; its main.py does not."""
+    trainer = make_trainer(corpus_dir, tmp_path)
+    trainer.bptt_rng = np.random.RandomState(0)
+    uncapped = [trainer.sequence_length() for _ in range(3000)]
+    trainer.state.finetune, trainer.bptt_rng = True, np.random.RandomState(0)
+    capped = [trainer.sequence_length() for _ in range(3000)]
+    assert max(uncapped) > 8 + 10  # N(8, 5) draws above 18 now and then
+    assert capped == [min(length, 18) for length in uncapped]
 
 
 def test_resume_after_the_asgd_switch_is_bitwise(corpus_dir, tmp_path, monkeypatch):
@@ -322,6 +368,15 @@ def test_pointer_script_matches_the_reference_and_plain_evaluation(corpus_dir, t
         assert results[split]["cache_ppl"] == pytest.approx(training.perplexity(-reference.mean().item()), rel=1e-4)
         assert results[split]["cache_ppl"] != results[split]["ppl"]
     assert (tmp_path / "pointer.json").is_file()
+
+
+def test_pointer_defaults_are_the_references():
+    """The reference pointer.py's own defaults (its tuned WikiText-2 values), to the digit."""
+    import pointer
+
+    args = pointer.build_parser().parse_args(["--checkpoint", "x"])
+    assert (args.window, args.theta, args.lambdasm, args.bptt) == (3785, 0.6625523432485668, 0.12785920428335693, 5000)
+    assert args.data == "data/penn"
 
 
 def test_pointer_rejects_a_checkpoint_of_another_vocabulary(corpus_dir, tmp_path):
