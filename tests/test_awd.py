@@ -59,6 +59,35 @@ def test_weight_dropped_is_dropconnect():
     assert torch.equal(weight_dropped(weight, 0.5, training=False), weight)
 
 
+def test_weight_dropped_rescales_by_one_over_keep_probability():
+    """p = 0.3: kept entries are w / 0.7 exactly (not w / 0.3, which p = 0.5 cannot tell apart), and the
+    dropped weight is unbiased: its mean over many masks is w."""
+    torch.manual_seed(0)
+    weight = torch.randn(40, 30, dtype=torch.float64)
+    dropped = weight_dropped(weight, 0.3, training=True)
+    kept = dropped != 0
+    torch.testing.assert_close(dropped[kept], weight[kept] / 0.7, rtol=1e-15, atol=0)
+    assert 0.2 < 1 - kept.double().mean() < 0.4
+    mean = torch.stack([weight_dropped(weight, 0.3, training=True) for _ in range(4000)]).mean(0)
+    torch.testing.assert_close(mean, weight, rtol=0, atol=0.08)
+
+
+def test_stack_runs_its_lstm_with_the_rescaled_dropconnect_weight():
+    """In training the stack's LSTM runs with weight_hh * mask / (1 - wdrop), re-derived with the same mask
+    on a plain nn.LSTM; the other weights are untouched."""
+    stack = make_stack(num_layers=1, output_size=10, wdrop=0.3).train()
+    x = torch.randn(6, 2, 6)
+    torch.manual_seed(5)
+    out, _ = stack(x)
+    torch.manual_seed(5)
+    mask = torch.nn.functional.dropout(torch.ones_like(stack.layers[0].weight_hh_l0), 0.3) != 0
+    plain = copy.deepcopy(stack.layers[0])
+    with torch.no_grad():
+        plain.weight_hh_l0.copy_(stack.layers[0].weight_hh_l0 * mask / 0.7)
+    expected, _ = plain(x)
+    torch.testing.assert_close(out, expected)
+
+
 # --------------------------------------------------------------------------- the weight-dropped stack
 
 

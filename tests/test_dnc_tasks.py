@@ -141,6 +141,31 @@ def test_copy_bit_errors_and_loss_on_a_hand_made_prediction():
     assert copy.loss(logits, batch).item() == pytest.approx(math.log1p(math.exp(-2)))  # each bit right by a logit of 2
 
 
+def test_copy_loss_counts_only_answer_bits_of_mixed_lengths():
+    """Lengths 1 and 3 in one batch (7 steps): the loss is the mean over the 4 answer steps' bits, re-derived
+    bit by bit from -log sigmoid; logits outside the answer phase (input phase, marker, padding) get no
+    gradient and do not change the loss, however large."""
+    batch = copy.sample(2, torch.tensor([1, 3]), bits=3, generator=generator(5))
+    logits = torch.randn(7, 2, 3, generator=generator(6), dtype=torch.float64).requires_grad_()
+    value = copy.loss(logits, batch.__class__(*(t.double() if t.is_floating_point() else t for t in batch)))
+    answer = {0: [2], 1: [4, 5, 6]}  # steps length + 1 .. 2 length
+    terms = []
+    for example, steps in answer.items():
+        for step in steps:
+            for bit in range(3):
+                x, y = logits[step, example, bit].item(), batch.targets[step, example, bit].item()
+                terms.append(-math.log(1 / (1 + math.exp(-x))) if y == 1 else -math.log(1 - 1 / (1 + math.exp(-x))))
+    assert value.item() == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+    value.backward()
+    outside = torch.ones(7, 2, dtype=torch.bool)
+    for example, steps in answer.items():
+        outside[steps, example] = False
+    assert (logits.grad[outside] == 0).all() and (logits.grad[~outside] != 0).all()
+    changed = logits.detach().clone()
+    changed[outside] = 1e4
+    assert copy.loss(changed, batch).item() == pytest.approx(value.item(), rel=1e-6)
+
+
 def test_adding_metrics_on_a_hand_made_prediction():
     batch = adding.sample(2, torch.tensor([3, 4]), generator(0))
     outputs = torch.full((4, 2, 1), 9.0)  # wrong everywhere but at the answer steps
