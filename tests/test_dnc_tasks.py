@@ -293,6 +293,20 @@ def test_sparse_memories_run_the_copy_task(memory_type, tmp_path):
         assert "link_matrix" not in arrays.files
 
 
+def test_rmsprop_has_the_published_settings_and_learns(tmp_path):
+    """-optim rmsprop: torch's RMSprop with the published scripts' momentum 0.9 and eps 1e-10; the test loss falls."""
+    run_dir = tmp_path / "run"
+    copy_task.main(["--run-dir", str(run_dir), *LSTM, "-optim", "rmsprop", "-lr", "3e-3", "-iterations", "60",
+                    "-check_freq", "30", "--generalisation-lengths", "3"])
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["optimizer"]
+    group = saved["param_groups"][0]
+    assert (group["momentum"], group["eps"], group["alpha"], group["lr"]) == (0.9, 1e-10, 0.99, 3e-3)
+    assert {"square_avg", "momentum_buffer"} <= set(next(iter(saved["state"].values())))
+    tests = events(run_dir, "test")
+    assert [e["step"] for e in tests[:2]] == [30, 60]
+    assert tests[1]["loss"] < tests[0]["loss"] < math.log(2)  # below guessing each bit
+
+
 def test_published_flags_parse():
     argv = ["-cuda", "-1", "-lr", "0.001", "-rnn_type", "gru", "-memory_type", "sam", "-nlayer", "2", "-nhlayer", "1",
             "-nhid", "32", "-dropout", "0.1", "-mem_slot", "32", "-mem_size", "8", "-read_heads", "2",
