@@ -4,7 +4,6 @@ behind copy_task.py, adding_task.py and argmax_task.py, and the memory pictures 
 import json
 import math
 import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -21,7 +20,6 @@ from errors import UserInputError
 from models.dnc import visualize
 from tasks import adding, argmax, copy
 from tasks.curriculum import Curriculum, example_lengths, spread_lengths
-from training.checkpoint import REPO_ROOT
 
 SCRIPTS = {"copy": copy_task, "adding": adding_task, "argmax": argmax_task}
 # Tiny sizes for every core; DNC-family flags are ignored by the LSTM.
@@ -384,11 +382,11 @@ def test_resuming_another_kind_of_checkpoint_is_refused(tmp_path):
         train_nth_farthest.main(["--resume", str(tmp_path / "copy")])
 
 
-def test_bad_flag_is_one_line_on_the_command_line(tmp_path):
-    out = subprocess.run([sys.executable, "copy_task.py", "-sequence_max_length", "0", "--run-dir", str(tmp_path)],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
-    assert out.stderr.startswith("error: -sequence_max_length must be positive")
+def test_bad_flag_is_one_line_on_the_command_line(tmp_path, command_line):
+    code, _, stderr = command_line(copy_task, "-sequence_max_length", "0", "--run-dir", tmp_path / "run")
+    assert code == 2 and stderr.strip().count("\n") == 0
+    assert stderr.startswith("error: -sequence_max_length must be positive")
+    assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------- pictures

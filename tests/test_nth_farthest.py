@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ import train_nth_farthest
 from errors import UserInputError
 from tasks import nth_farthest
 from training import TrainingError
-from training.checkpoint import REPO_ROOT
 
 # A 4x4 task and a tiny LSTM: fast on one CPU thread.
 SMOKE = ["--num-vectors", "4", "--vector-size", "4", "--model", "LSTM", "--nhid", "32", "--mlp-sizes", "32",
@@ -210,11 +207,10 @@ def test_bad_flags_are_named(tmp_path, flag, value, message):
         run(tmp_path / "bad", flag, value)
 
 
-def test_bad_flag_is_one_line_on_the_command_line(tmp_path):
-    out = subprocess.run([sys.executable, "train_nth_farthest.py", "--model", "NOPE", "--run-dir", str(tmp_path)],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
-    assert out.stderr.startswith("error: unknown core 'NOPE'")
+def test_bad_flag_is_one_line_on_the_command_line(tmp_path, command_line):
+    code, _, stderr = command_line(train_nth_farthest, "--model", "NOPE", "--run-dir", tmp_path / "run")
+    assert code == 2 and stderr.strip().count("\n") == 0
+    assert stderr.startswith("error: unknown core 'NOPE'")
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, monkeypatch):

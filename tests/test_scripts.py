@@ -103,36 +103,50 @@ def cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+def assert_one_line_error(code, stderr, message):
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+
+
+def test_cli_error_is_one_line_in_a_real_process(tmp_path):
+    """The one real `python script.py` run: exit code 2 and one line on stderr, no traceback."""
+    result = cli("train_rnn.py", "--data", "/nonexistent/corpus", "--run-dir", str(tmp_path / "run"))
+    assert_one_line_error(result.returncode, result.stderr, "getdata.sh")
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["train_rnn.py", "--data", "/nonexistent/corpus"], "getdata.sh"),
-        (["train_rnn.py", "--data", "{corpus}", "--adaptivesoftmax", "--cutoffs", "10", "99999"], "--cutoffs"),
-        (["train_rnn.py", "--data", "{corpus}", "--model", "Transformer"], "unknown core 'Transformer'"),
-        (["train_rnn.py", "--resume", "{corpus}/train.txt"], "not a checkpoint"),
-        (["generate_rmc.py", "--checkpoint", "/nonexistent.pt"], "does not exist"),
+        ([train_rnn, "--data", "/nonexistent/corpus"], "getdata.sh"),
+        ([train_rnn, "--data", "{corpus}", "--adaptivesoftmax", "--cutoffs", "10", "99999"], "--cutoffs"),
+        ([train_rnn, "--data", "{corpus}", "--model", "Transformer"], "unknown core 'Transformer'"),
+        ([train_rnn, "--resume", "{corpus}/train.txt"], "not a checkpoint"),
+        ([generate_rmc, "--checkpoint", "/nonexistent.pt"], "does not exist"),
     ],
 )
-def test_cli_errors_are_one_line(argv, message, corpus_dir, tmp_path):
-    argv = [arg.replace("{corpus}", str(corpus_dir)) for arg in argv]
-    result = cli(*argv, "--run-dir", str(tmp_path / "run")) if argv[0] == "train_rnn.py" else cli(*argv)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+def test_cli_errors_are_one_line(argv, message, corpus_dir, tmp_path, command_line):
+    script, *argv = [arg.replace("{corpus}", str(corpus_dir)) if isinstance(arg, str) else arg for arg in argv]
+    if script is train_rnn:
+        argv += ["--run-dir", str(tmp_path / "run")]
+    code, _, stderr = command_line(script, *argv)
+    assert_one_line_error(code, stderr, message)
+    assert not (tmp_path / "run").exists()  # stopped before making a run folder
 
 
-def test_cli_non_utf8_names_file_and_line(corpus_dir):
+def test_cli_non_utf8_names_file_and_line(corpus_dir, tmp_path, command_line):
     (corpus_dir / "test.txt").write_bytes(b"ok\n\xff\xfe bad\n")
-    result = cli("train_rnn.py", "--data", str(corpus_dir))
-    assert result.returncode == 2 and "test.txt, line 2: not valid UTF-8" in result.stderr
+    code, _, stderr = command_line(train_rnn, "--data", corpus_dir, "--run-dir", tmp_path / "run")
+    assert_one_line_error(code, stderr, "test.txt, line 2: not valid UTF-8")
 
 
-def test_train_rnn_help_lists_core_flags():
-    result = cli("train_rnn.py", "--help")
-    assert result.returncode == 0
-    for flag in ("--rnn-impl", "--adaptivesoftmax", "--resume", "--max-steps", "--dry-run"):
-        assert flag in result.stdout
+def test_train_rnn_help_lists_core_flags(command_line):
+    code, stdout, _ = command_line(train_rnn, "--help")
+    assert code == 0
+    for flag in ("--rnn-impl", "--adaptivesoftmax", "--resume", "--max-steps", "--dry-run", "--dropout-after-projection",
+                 "--adaptive-projection"):
+        assert flag in stdout
 
 
 def test_checkpoint_runs_with_the_other_implementation(trained_run, corpus_dir):
