@@ -1,6 +1,7 @@
 """Every script runs `--dry-run`; bad input ends in one clear line, never a traceback."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pointer
 import train_rmc
 import train_rnn
 import training
+from data import Corpus, batchify
 from errors import UserInputError
 from tests.conftest import TINY_LM_FLAGS
 
@@ -37,11 +39,29 @@ CORE_FLAGS = {
 @pytest.mark.parametrize("script", sorted(LM_SCRIPTS))
 @pytest.mark.parametrize("case", sorted(CORE_FLAGS))
 def test_lm_script_dry_run(script, case, corpus_dir, tmp_path):
+    """Two steps, a short validation and test. The results agree with log.jsonl; best.pt reloads as the core
+    asked for and, evaluated here on the same two validation windows, gives the logged validation loss;
+    the two steps changed the core's weights."""
     core = case.split("-")[0]
-    result = LM_SCRIPTS[script].main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "run"), "--dry-run",
+    run_dir = tmp_path / "run"
+    result = LM_SCRIPTS[script].main(["--data", str(corpus_dir), "--run-dir", str(run_dir), "--dry-run",
                                       "--model", core, *CORE_FLAGS[case], *TINY_LM_FLAGS])
-    assert result["stopped"] is None and result["test_ppl"] > 1
-    assert (tmp_path / "run" / "best.pt").is_file()
+    assert result["stopped"] is None
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    (valid,) = [e for e in events if e["event"] == "valid"]
+    (test,) = [e for e in events if e["event"] == "test"]
+    assert (test["valid_loss"], test["test_loss"]) == (result["valid_loss"], result["test_loss"])
+    assert result["test_ppl"] == pytest.approx(math.exp(result["test_loss"]))
+    assert result["valid_loss"] == pytest.approx(valid["loss"], rel=1e-6)  # best.pt is the model validated
+    assert math.isfinite(valid["loss"]) and valid["loss"] > 0
+    model, checkpoint = training.load_checkpoint(run_dir / "best.pt")
+    assert model.config.core == ("AWD" if script == "main" and core in ("LSTM", "GRU", "QRNN") else core)
+    assert checkpoint["train_state"]["step"] == 2
+    source = batchify(Corpus(corpus_dir).valid, 2)
+    assert training.evaluate(model, source, 8, max_batches=2) == pytest.approx(valid["loss"], rel=1e-5)
+    fresh = {key: value for key, value in type(model)(model.config).state_dict().items()}
+    trained = checkpoint["model"]
+    assert any(not torch.equal(trained[key], fresh[key]) for key in fresh if key.startswith("core."))
 
 
 @pytest.fixture
@@ -92,10 +112,20 @@ def test_awd_scripts_dry_run_chain(trained_run, corpus_dir, tmp_path):
     awd_main.main(["--data", str(corpus_dir), "--run-dir", str(main_dir), "--dry-run", *TINY_LM_FLAGS])
     result = finetune.main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "ft"), "--dry-run",
                             "--checkpoint", str(main_dir), *TINY_LM_FLAGS])
-    assert result["test_ppl"] > 1
+    valid = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    valid = [e for e in valid if e["event"] == "valid"]
+    assert [e["epoch"] for e in valid] == [0, 1]  # the start, then the one epoch
+    assert result["valid_loss"] == pytest.approx(min(e["loss"] for e in valid), rel=1e-6)  # the better of the two
     scores = pointer.main(["--checkpoint", str(tmp_path / "ft"), "--data", str(corpus_dir), "--window", "5",
                            "--bptt", "20"])
     assert set(scores) == {"valid", "test"}
+    model, _ = training.load_checkpoint(tmp_path / "ft" / "best.pt")
+    corpus = Corpus(corpus_dir)
+    for split in ("valid", "test"):
+        tokens = getattr(corpus, split)
+        assert scores[split]["tokens"] == tokens.numel() - 1
+        plain = training.evaluate(model, batchify(tokens, 1), 20)
+        assert scores[split]["ppl"] == pytest.approx(math.exp(plain), rel=1e-5)
     assert len(generate.main(["--checkpoint", str(tmp_path / "ft"), "--words", "5"]).split()) >= 1
 
 
