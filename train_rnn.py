@@ -1,7 +1,9 @@
 """LSTM baseline of the RMC language-model benchmark (Santoro et al. 2018).
 
 Embedding 300 -> 1-layer LSTM 300 -> tied softmax, dropout 0.5, Adam lr 0.001 halved on a
-validation plateau of 5 epochs, clip 0.1, batch 64, bptt 100, 100 epochs. `--rnn-impl loop`
+validation plateau of 5 epochs, clip 0.1, batch 64, evaluation batch 32, bptt 100, 100 epochs
+(the seed project's train_rnn.py). With `--adaptivesoftmax` the dropped LSTM output goes
+through a Linear(nhid, nhid) before the adaptive head, as in the seed's RNNModel. `--rnn-impl loop`
 runs the same weights through an explicit per-step cell (the benchmark's "fair" loop);
 `--model GRU` (or any registered core) swaps the core.
 
@@ -18,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(
         model="LSTM", emsize=300, nhid=300, nlayers=1, dropout=0.5, tied=True,
         optimizer="adam", lr=0.001, clip=0.1, lr_decay=0.5, patience=5, plateau_threshold=1e-4,
-        batch_size=64, eval_batch_size=10, bptt=100, epochs=100, log_interval=100,
+        batch_size=64, eval_batch_size=32, bptt=100, epochs=100, log_interval=100, adaptive_projection="core",
     )
     return parser
 

@@ -1,6 +1,7 @@
 """A word-level language model around any recurrent core.
 
-embedding -> dropout -> core -> dropout -> [projection] -> head
+embedding -> dropout -> core -> dropout -> [projection] -> head      (default; AWD-LSTM, the seed's LSTM LM)
+embedding -> dropout -> core -> projection -> dropout -> head        (`dropout_after_projection`; the seed's RMC LM)
 
 Dropout is standard by default; with `locked_dropout=True` (AWD-LSTM) it is variational,
 one mask per sequence shared over time, and `dropoute` drops whole word types from the
@@ -9,7 +10,10 @@ embedding. `dropouti` is the dropout on the embeddings (default: `dropout`).
 The head is a full softmax (`nn.Linear` decoder, optionally tied to the embedding) or an
 adaptive softmax (`nn.AdaptiveLogSoftmaxWithLoss`, Grave et al. 2016), owned by the model
 so it is optimised and saved with it. When weights are tied and the core's output width
-differs from the embedding width, a linear projection maps one onto the other.
+differs from the embedding width, a linear projection maps one onto the other; with
+`projection_size` set, a projection to that width is always there (the seed project's RMC LM
+projects its 768-wide output to the embedding size before any head, its LSTM LM puts a
+Linear(nhid, nhid) before its adaptive softmax).
 
 Shapes: `T` time steps, `B` batch, `E` embedding size, `D` feature size at the head
 (E when tied, else the core's output size), `V` vocabulary size, `N` tokens.
@@ -43,6 +47,8 @@ class LMConfig:
     adaptive_softmax: bool = False
     cutoffs: list[int] = dataclasses.field(default_factory=list)
     div_value: float = 4.0
+    projection_size: int | None = None  # always project the core's output to this width; None: only when tying needs it
+    dropout_after_projection: bool = False  # the output dropout after the projection (seed RMC) instead of before
 
     def __post_init__(self) -> None:
         self.cutoffs = list(self.cutoffs)
@@ -58,6 +64,12 @@ class LMConfig:
             check_cutoffs(self.cutoffs, self.vocab_size)
             if self.tie_weights:
                 raise ValueError("weight tying needs the full softmax; use --no-tied with --adaptivesoftmax")
+        if self.projection_size is not None:
+            if self.projection_size < 1:
+                raise ValueError(f"projection_size must be positive, got {self.projection_size}")
+            if self.tie_weights and self.projection_size != self.emsize:
+                raise ValueError(f"a tied decoder needs the projection to the embedding size {self.emsize}, "
+                                 f"got projection_size {self.projection_size}")
 
 
 def check_cutoffs(cutoffs: list[int], vocab_size: int) -> None:
@@ -82,8 +94,12 @@ class LanguageModel(nn.Module):
         self.encoder = nn.Embedding(config.vocab_size, config.emsize)
         self.core = build_core(config.core, config.core_config)
         core_size = self.core.output_size
-        features = config.emsize if config.tie_weights else core_size
-        self.projection = nn.Linear(core_size, features) if core_size != features else None
+        if config.projection_size is not None:
+            features = config.projection_size
+            self.projection = nn.Linear(core_size, features)
+        else:
+            features = config.emsize if config.tie_weights else core_size
+            self.projection = nn.Linear(core_size, features) if core_size != features else None
         if config.adaptive_softmax:
             smallest = int(features // (config.div_value ** len(config.cutoffs)))
             if smallest < 1:
@@ -129,14 +145,19 @@ class LanguageModel(nn.Module):
 
         Returns:
             features [T, B, D] (pass to `loss` or `log_probs`), the core's new state, and with
-            `return_outputs` the pair (raw core output [T, B, H], dropped core output [T, B, H]).
+            `return_outputs` the pair (raw core output [T, B, H], dropped output: [T, B, H], or with
+            `dropout_after_projection` the features [T, B, D]).
         """
         config = self.config
         embedded = embedding_dropout(self.encoder.weight, tokens, config.dropoute, self.training)  # [T, B, E]
         embedded = self._dropout(embedded, config.dropout if config.dropouti is None else config.dropouti)
         raw, state = self.core(embedded, state)
-        dropped = self._dropout(raw, config.dropout)
-        features = self.projection(dropped) if self.projection is not None else dropped
+        if config.dropout_after_projection:
+            projected = self.projection(raw) if self.projection is not None else raw
+            features = dropped = self._dropout(projected, config.dropout)
+        else:
+            dropped = self._dropout(raw, config.dropout)
+            features = self.projection(dropped) if self.projection is not None else dropped
         if return_outputs:
             return features, state, (raw, dropped)
         return features, state
@@ -198,6 +219,16 @@ def add_lm_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--div-value", "--div_value", dest="div_value", type=float, default=4.0,
                        help="adaptive softmax: each cluster's projection shrinks by this factor")
+    group.add_argument(
+        "--adaptive-projection", dest="adaptive_projection", choices=("none", "emsize", "core"), default="none",
+        help="with --adaptivesoftmax, a linear layer before the head: to the embedding size (the seed's RMC LM), "
+             "to the core's own width (the seed's LSTM LM), or none",
+    )
+    group.add_argument(
+        "--dropout-after-projection", dest="dropout_after_projection", action=argparse.BooleanOptionalAction,
+        default=False, help="drop out the projection's output (the seed's RMC LM) instead of the core's output "
+                            "before the projection",
+    )
     for cls in CORES.values():
         cls.add_args(parser)
 
@@ -209,6 +240,12 @@ def lm_config_from_args(args: argparse.Namespace, vocab_size: int, core: str | N
     """
     core_class = get_core_class(core or args.model)
     core_config: Any = core_class.config_from_args(args, args.emsize)
+    projection_size = None
+    if args.adaptivesoftmax and args.adaptive_projection == "emsize":
+        projection_size = args.emsize
+    elif args.adaptivesoftmax and args.adaptive_projection == "core":
+        with torch.device("meta"):  # only its width is needed: allocate nothing
+            projection_size = core_class(core_config).output_size
     return LMConfig(
         vocab_size=vocab_size,
         core=core_class.name,
@@ -222,4 +259,6 @@ def lm_config_from_args(args: argparse.Namespace, vocab_size: int, core: str | N
         adaptive_softmax=args.adaptivesoftmax,
         cutoffs=args.cutoffs,
         div_value=args.div_value,
+        projection_size=projection_size,
+        dropout_after_projection=args.dropout_after_projection,
     )

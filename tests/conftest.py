@@ -44,3 +44,26 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def command_line(monkeypatch, capsys):
+    """`command_line(module, *argv)` runs a script as `python module.py argv` would, in this process: through
+    `training.cli` with `sys.argv` set. Returns (exit code, stdout, stderr); the code is 0 when it returns.
+    One real subprocess test per kind of check stays, to show the in-process run is the same thing."""
+    import sys
+
+    import training
+
+    def run(module, *argv: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
+        capsys.readouterr()
+        try:
+            training.cli(module.main)
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -98,6 +98,25 @@ def test_hand_computed_case(function, target, pointer_mass):
 
 
 @pytest.mark.parametrize("function", [cache_pointer_ref, cache_pointer])
+@pytest.mark.parametrize("theta, attention_on_7", [
+    (2.0, 0.9),  # softmax(2 log 3, 0) = (9, 1) / 10
+    (0.5, math.sqrt(3) / (math.sqrt(3) + 1)),  # softmax(log 3 / 2, 0) = (sqrt 3, 1) / (sqrt 3 + 1)
+    (0.0, 0.5),  # theta 0: a uniform attention over the window
+])
+@pytest.mark.parametrize("target", [7, 5])
+def test_hand_computed_case_with_theta(function, theta, attention_on_7, target):
+    """The same case with theta != 1: the scores log 3 and 0 are scaled by theta before the softmax."""
+    hidden, targets, target_log_probs = hand_case()
+    targets[3] = target
+    lambdah = 0.2
+    pointer_mass = attention_on_7 if target == 7 else 1 - attention_on_7
+    actual = function(hidden, targets, target_log_probs, 2, theta, lambdah)
+    expected = torch.tensor(lambdah * pointer_mass + (1 - lambdah) * 0.5, dtype=torch.float64).log()
+    torch.testing.assert_close(actual[3], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(actual[:3], target_log_probs[:3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("function", [cache_pointer_ref, cache_pointer])
 def test_chunk_start_uses_the_vocabulary_alone_with_bptt(function):
     """With bptt = 3 the reference's second chunk starts at g = 3 and scores it by the vocabulary alone."""
     hidden, targets, target_log_probs = hand_case()

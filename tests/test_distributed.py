@@ -92,6 +92,22 @@ def test_main_on_two_processes_with_resume_equals_one_process(corpus_dir, tmp_pa
     assert_same_evaluation(tmp_path / "whole", tmp_path / "two")
 
 
+def test_resume_with_another_number_of_processes(corpus_dir, tmp_path):
+    """A run stopped on one process continues on two and is finished on one again: the same weights,
+    hidden state and evaluations as the run that never stopped (checkpoints hold the whole batch)."""
+    flags = ["--data", str(corpus_dir), *RNN_FLAGS]
+    train_rnn.main([*flags, "--run-dir", str(tmp_path / "whole")])
+    steps = read_log(tmp_path / "whole", "valid")[-1]["step"]
+    train_rnn.main([*flags, "--run-dir", str(tmp_path / "parts"), "--max-steps", "3"])
+    torchrun("train_rnn.py", "--resume", str(tmp_path / "parts"), "--max-steps", str(steps - 4))
+    two = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
+    assert two["train_state"]["step"] == steps - 4 and len(two["rank_rngs"]) == 2
+    result = train_rnn.main(["--resume", str(tmp_path / "parts")])
+    assert result["stopped"] is None
+    assert_close_checkpoints(tmp_path / "whole", tmp_path / "parts")
+    assert_same_evaluation(tmp_path / "whole", tmp_path / "parts")
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():

@@ -275,6 +275,44 @@ def test_whole_step_against_the_equations():
         assert_close(new_state[key][0], value)
 
 
+def test_links_use_the_precedence_before_it_is_updated():
+    """Two writes by allocation into a fresh memory, to cell 0 and then to a cell k: the link L[k, 0] (k written
+    right after 0) is 1, because the link update at step 2 takes the precedence of step 1 (e_0). Updating
+    the precedence first would make it e_k at step 2 and leave L[k, 0] = 0. Then a forward read from
+    cell 0 lands on cell k, and a backward read from cell k on cell 0."""
+    memory_module = make_memory()
+    ones = lambda *shape: torch.ones(1, *shape, dtype=torch.float64)
+
+    def interface(read_modes, write_gate=1.0):
+        return dense.Interface(
+            read_keys=ones(R, W), read_strengths=ones(R), write_key=ones(W), write_strength=ones(),
+            erase_vector=ones(W), write_vector=ones(W), free_gates=0 * ones(R), allocation_gate=ones(),
+            write_gate=write_gate * ones(), read_modes=torch.tensor([read_modes], dtype=torch.float64))
+
+    content_only = [[0.0, 1.0, 0.0]] * R
+    queue = [interface(content_only), interface(content_only)]
+    memory_module.interface = lambda xi: queue.pop(0)
+    state = memory_module.initial_state(1, dtype=torch.float64)
+    xi = torch.zeros(1, X, dtype=torch.float64)
+    _, first, _ = run(memory_module, state, [xi])
+    assert first["write_weights"][0, 0].item() == pytest.approx(1, abs=1e-5)
+    _, state, _ = run(memory_module, first, [xi])
+    second = int(state["write_weights"][0].argmax())
+    assert second != 0 and state["write_weights"][0, second].item() == pytest.approx(1, abs=1e-5)
+    link = state["link_matrix"][0]
+    assert link[second, 0].item() == pytest.approx(1, abs=1e-5)
+    assert link.sum().item() == pytest.approx(1, abs=1e-4)
+    assert state["precedence"][0, second].item() == pytest.approx(1, abs=1e-5)
+    # head 0 reads forward from cell 0, head 1 backward from cell k; nothing is written
+    state["read_weights"] = torch.zeros(1, R, N, dtype=torch.float64)
+    state["read_weights"][0, 0, 0] = state["read_weights"][0, 1, second] = 1.0
+    queue[:] = [interface([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], write_gate=0.0)]
+    _, state, _ = run(memory_module, state, [xi])
+    expected = torch.zeros(R, N, dtype=torch.float64)
+    expected[0, second] = expected[1, 0] = 1.0
+    assert_close(state["read_weights"][0], expected, tol=1e-4)
+
+
 # ----- the fast link update -----
 
 @pytest.mark.parametrize("cells", [5, 13])

@@ -4,7 +4,6 @@ behind copy_task.py, adding_task.py and argmax_task.py, and the memory pictures 
 import json
 import math
 import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -21,7 +20,6 @@ from errors import UserInputError
 from models.dnc import visualize
 from tasks import adding, argmax, copy
 from tasks.curriculum import Curriculum, example_lengths, spread_lengths
-from training.checkpoint import REPO_ROOT
 
 SCRIPTS = {"copy": copy_task, "adding": adding_task, "argmax": argmax_task}
 # Tiny sizes for every core; DNC-family flags are ignored by the LSTM.
@@ -139,6 +137,31 @@ def test_copy_bit_errors_and_loss_on_a_hand_made_prediction():
     zeros[0] = 100.0
     assert copy.loss(zeros, batch).item() == pytest.approx(math.log(2))
     assert copy.loss(logits, batch).item() == pytest.approx(math.log1p(math.exp(-2)))  # each bit right by a logit of 2
+
+
+def test_copy_loss_counts_only_answer_bits_of_mixed_lengths():
+    """Lengths 1 and 3 in one batch (7 steps): the loss is the mean over the 4 answer steps' bits, re-derived
+    bit by bit from -log sigmoid; logits outside the answer phase (input phase, marker, padding) get no
+    gradient and do not change the loss, however large."""
+    batch = copy.sample(2, torch.tensor([1, 3]), bits=3, generator=generator(5))
+    logits = torch.randn(7, 2, 3, generator=generator(6), dtype=torch.float64).requires_grad_()
+    value = copy.loss(logits, batch.__class__(*(t.double() if t.is_floating_point() else t for t in batch)))
+    answer = {0: [2], 1: [4, 5, 6]}  # steps length + 1 .. 2 length
+    terms = []
+    for example, steps in answer.items():
+        for step in steps:
+            for bit in range(3):
+                x, y = logits[step, example, bit].item(), batch.targets[step, example, bit].item()
+                terms.append(-math.log(1 / (1 + math.exp(-x))) if y == 1 else -math.log(1 - 1 / (1 + math.exp(-x))))
+    assert value.item() == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+    value.backward()
+    outside = torch.ones(7, 2, dtype=torch.bool)
+    for example, steps in answer.items():
+        outside[steps, example] = False
+    assert (logits.grad[outside] == 0).all() and (logits.grad[~outside] != 0).all()
+    changed = logits.detach().clone()
+    changed[outside] = 1e4
+    assert copy.loss(changed, batch).item() == pytest.approx(value.item(), rel=1e-6)
 
 
 def test_adding_metrics_on_a_hand_made_prediction():
@@ -268,6 +291,20 @@ def test_sparse_memories_run_the_copy_task(memory_type, tmp_path):
         assert "link_matrix" not in arrays.files
 
 
+def test_rmsprop_has_the_published_settings_and_learns(tmp_path):
+    """-optim rmsprop: torch's RMSprop with the published scripts' momentum 0.9 and eps 1e-10; the test loss falls."""
+    run_dir = tmp_path / "run"
+    copy_task.main(["--run-dir", str(run_dir), *LSTM, "-optim", "rmsprop", "-lr", "3e-3", "-iterations", "60",
+                    "-check_freq", "30", "--generalisation-lengths", "3"])
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["optimizer"]
+    group = saved["param_groups"][0]
+    assert (group["momentum"], group["eps"], group["alpha"], group["lr"]) == (0.9, 1e-10, 0.99, 3e-3)
+    assert {"square_avg", "momentum_buffer"} <= set(next(iter(saved["state"].values())))
+    tests = events(run_dir, "test")
+    assert [e["step"] for e in tests[:2]] == [30, 60]
+    assert tests[1]["loss"] < tests[0]["loss"] < math.log(2)  # below guessing each bit
+
+
 def test_published_flags_parse():
     argv = ["-cuda", "-1", "-lr", "0.001", "-rnn_type", "gru", "-memory_type", "sam", "-nlayer", "2", "-nhlayer", "1",
             "-nhid", "32", "-dropout", "0.1", "-mem_slot", "32", "-mem_size", "8", "-read_heads", "2",
@@ -345,11 +382,11 @@ def test_resuming_another_kind_of_checkpoint_is_refused(tmp_path):
         train_nth_farthest.main(["--resume", str(tmp_path / "copy")])
 
 
-def test_bad_flag_is_one_line_on_the_command_line(tmp_path):
-    out = subprocess.run([sys.executable, "copy_task.py", "-sequence_max_length", "0", "--run-dir", str(tmp_path)],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
-    assert out.stderr.startswith("error: -sequence_max_length must be positive")
+def test_bad_flag_is_one_line_on_the_command_line(tmp_path, command_line):
+    code, _, stderr = command_line(copy_task, "-sequence_max_length", "0", "--run-dir", tmp_path / "run")
+    assert code == 2 and stderr.strip().count("\n") == 0
+    assert stderr.startswith("error: -sequence_max_length must be positive")
+    assert not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------- pictures

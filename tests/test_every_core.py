@@ -5,9 +5,11 @@ from `models.CORES`, so a newly registered core is covered here as soon as it ha
 in `CORE_FLAGS` (its tiny sizes); a core without one fails loudly.
 """
 
+import json
 import math
 
 import pytest
+import torch
 
 import adding_task
 import argmax_task
@@ -57,12 +59,25 @@ def test_task_script_dry_run_with_every_core(script, core, tmp_path):
     result = module.main(["--run-dir", str(run_dir), "--model", name, *CORE_FLAGS[name], *RUN, *task_flags])
     assert result["stopped"] is None and result["step"] == 2
     assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "best.pt").is_file()
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    (test,) = [e for e in events if e["event"] == "test"]  # the dry run's one evaluation, at step 2
+    assert test["step"] == 2
     if script == "train_nth_farthest":
         assert math.isfinite(result["test_loss"]) and 0 <= result["test_accuracy"] <= 1
+        assert (test["loss"], test["accuracy"]) == (result["test_loss"], result["test_accuracy"])
+        assert result["best_accuracy"] == result["test_accuracy"] and result["best_step"] == 2
     else:
-        assert math.isfinite(result["test"]["loss"]) and math.isfinite(result["test"][result["metric"]])
-        assert all(math.isfinite(metrics["loss"]) for metrics in result["generalisation"].values())
-    model, _ = training.load_checkpoint(run_dir / "best.pt")
+        metric = result["metric"]
+        assert math.isfinite(result["test"]["loss"]) and math.isfinite(result["test"][metric])
+        assert (test["loss"], test[metric]) == (result["test"]["loss"], result["test"][metric])
+        logged = {e["length"]: e["loss"] for e in events if e["event"] == "generalisation"}
+        assert logged == {length: metrics["loss"] for length, metrics in result["generalisation"].items()} != {}
+        assert all(math.isfinite(loss) for loss in logged.values())
+    model, checkpoint = training.load_checkpoint(run_dir / "best.pt")
     assert model.config.core == name
+    # the two training steps reached every parameter: Adam's first moment is non-zero for each of them
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)["optimizer"]
+    assert len(saved["state"]) == len(list(model.parameters())) > 0
+    assert all(state["exp_avg"].abs().sum() > 0 and int(state["step"]) == 2 for state in saved["state"].values())
     if name == "AWD":  # no embedding to tie to in a task: the stack ends at --nhid, not at the task's input size
         assert model.core.output_size == 8

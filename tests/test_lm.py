@@ -104,3 +104,63 @@ def test_lm_config_from_args_unties_for_adaptive_softmax():
     config = models.lm_config_from_args(args, V)
     assert config.adaptive_softmax and not config.tie_weights
     assert config.core_config["hidden_size"] == 8 and config.core_config["input_size"] == 8
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_dropout_order_around_the_projection(after):
+    """Re-derived with the same random stream: the seed's RMC LM projects the core's output and then drops
+    out (`dropout_after_projection`); the default drops the core's output and then projects."""
+    core = dataclasses.asdict(RNNConfig(input_size=E, hidden_size=12))
+    model = LanguageModel(LMConfig(vocab_size=V, core="LSTM", core_config=core, emsize=E, dropout=0.5,
+                                   dropout_after_projection=after)).train()
+    tokens = torch.randint(V, (5, 3))
+    torch.manual_seed(7)
+    features, _ = model(tokens)
+    torch.manual_seed(7)
+    embedded = torch.nn.functional.dropout(model.encoder(tokens), 0.5)
+    raw, _ = model.core(embedded)
+    if after:
+        expected = torch.nn.functional.dropout(model.projection(raw), 0.5)
+    else:
+        expected = model.projection(torch.nn.functional.dropout(raw, 0.5))
+    torch.testing.assert_close(features, expected)
+    dropped_features = (features == 0).float().mean()  # only dropout after the projection zeroes features
+    assert (0.3 < dropped_features < 0.7) if after else dropped_features == 0
+
+
+def test_projection_size_always_projects_and_must_fit_a_tied_decoder():
+    model = make_lm(hidden=8, adaptive_softmax=True, cutoffs=[5, 15], tie_weights=False, div_value=2.0,
+                    projection_size=8)
+    assert model.projection.in_features == model.projection.out_features == 8  # the seed LSTM LM's Linear(nhid, nhid)
+    assert model.adaptive.in_features == 8
+    with pytest.raises(ValueError, match="embedding size 8"):
+        make_lm(hidden=12, projection_size=6)
+
+
+@pytest.mark.parametrize("script,adaptive,head_width,after", [
+    ("train_rmc", False, 192, True),  # 768 -> 192 -> dropout -> tied decoder
+    ("train_rmc", True, 192, True),  # 768 -> 192 -> dropout -> adaptive softmax on 192
+    ("train_rnn", False, 300, False),  # LSTM 300 -> dropout -> tied decoder, no projection
+    ("train_rnn", True, 300, False),  # LSTM 300 -> dropout -> Linear(300, 300) -> adaptive softmax
+])
+def test_script_heads_follow_the_seed(script, adaptive, head_width, after):
+    """The seed project's heads: its RMC LM's output_to_embed_decoder (768 -> emsize) then dropout, before
+    the tied decoder or the adaptive softmax; its LSTM LM's decoder_adaptive Linear(nhid, nhid). Both
+    evaluate with batch 32."""
+    import importlib
+
+    parser = importlib.import_module(script).build_parser()
+    flags = ["--data", "unused"] + (["--adaptivesoftmax", "--cutoffs", "1000", "5000"] if adaptive else [])
+    args = parser.parse_args(flags)
+    assert args.eval_batch_size == 32
+    with torch.device("meta"):
+        model = LanguageModel(models.lm_config_from_args(args, 10000))
+    assert model.config.dropout_after_projection is after
+    if script == "train_rmc":
+        assert (model.projection.in_features, model.projection.out_features) == (768, 192)
+    elif adaptive:
+        assert (model.projection.in_features, model.projection.out_features) == (300, 300)
+    else:
+        assert model.projection is None
+    head = model.adaptive if adaptive else model.decoder
+    assert head.in_features == head_width

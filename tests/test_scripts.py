@@ -1,6 +1,7 @@
 """Every script runs `--dry-run`; bad input ends in one clear line, never a traceback."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pointer
 import train_rmc
 import train_rnn
 import training
+from data import Corpus, batchify
 from errors import UserInputError
 from tests.conftest import TINY_LM_FLAGS
 
@@ -37,11 +39,29 @@ CORE_FLAGS = {
 @pytest.mark.parametrize("script", sorted(LM_SCRIPTS))
 @pytest.mark.parametrize("case", sorted(CORE_FLAGS))
 def test_lm_script_dry_run(script, case, corpus_dir, tmp_path):
+    """Two steps, a short validation and test. The results agree with log.jsonl; best.pt reloads as the core
+    asked for and, evaluated here on the same two validation windows, gives the logged validation loss;
+    the two steps changed the core's weights."""
     core = case.split("-")[0]
-    result = LM_SCRIPTS[script].main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "run"), "--dry-run",
+    run_dir = tmp_path / "run"
+    result = LM_SCRIPTS[script].main(["--data", str(corpus_dir), "--run-dir", str(run_dir), "--dry-run",
                                       "--model", core, *CORE_FLAGS[case], *TINY_LM_FLAGS])
-    assert result["stopped"] is None and result["test_ppl"] > 1
-    assert (tmp_path / "run" / "best.pt").is_file()
+    assert result["stopped"] is None
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    (valid,) = [e for e in events if e["event"] == "valid"]
+    (test,) = [e for e in events if e["event"] == "test"]
+    assert (test["valid_loss"], test["test_loss"]) == (result["valid_loss"], result["test_loss"])
+    assert result["test_ppl"] == pytest.approx(math.exp(result["test_loss"]))
+    assert result["valid_loss"] == pytest.approx(valid["loss"], rel=1e-6)  # best.pt is the model validated
+    assert math.isfinite(valid["loss"]) and valid["loss"] > 0
+    model, checkpoint = training.load_checkpoint(run_dir / "best.pt")
+    assert model.config.core == ("AWD" if script == "main" and core in ("LSTM", "GRU", "QRNN") else core)
+    assert checkpoint["train_state"]["step"] == 2
+    source = batchify(Corpus(corpus_dir).valid, 2)
+    assert training.evaluate(model, source, 8, max_batches=2) == pytest.approx(valid["loss"], rel=1e-5)
+    fresh = {key: value for key, value in type(model)(model.config).state_dict().items()}
+    trained = checkpoint["model"]
+    assert any(not torch.equal(trained[key], fresh[key]) for key in fresh if key.startswith("core."))
 
 
 @pytest.fixture
@@ -92,10 +112,20 @@ def test_awd_scripts_dry_run_chain(trained_run, corpus_dir, tmp_path):
     awd_main.main(["--data", str(corpus_dir), "--run-dir", str(main_dir), "--dry-run", *TINY_LM_FLAGS])
     result = finetune.main(["--data", str(corpus_dir), "--run-dir", str(tmp_path / "ft"), "--dry-run",
                             "--checkpoint", str(main_dir), *TINY_LM_FLAGS])
-    assert result["test_ppl"] > 1
+    valid = [json.loads(line) for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    valid = [e for e in valid if e["event"] == "valid"]
+    assert [e["epoch"] for e in valid] == [0, 1]  # the start, then the one epoch
+    assert result["valid_loss"] == pytest.approx(min(e["loss"] for e in valid), rel=1e-6)  # the better of the two
     scores = pointer.main(["--checkpoint", str(tmp_path / "ft"), "--data", str(corpus_dir), "--window", "5",
                            "--bptt", "20"])
     assert set(scores) == {"valid", "test"}
+    model, _ = training.load_checkpoint(tmp_path / "ft" / "best.pt")
+    corpus = Corpus(corpus_dir)
+    for split in ("valid", "test"):
+        tokens = getattr(corpus, split)
+        assert scores[split]["tokens"] == tokens.numel() - 1
+        plain = training.evaluate(model, batchify(tokens, 1), 20)
+        assert scores[split]["ppl"] == pytest.approx(math.exp(plain), rel=1e-5)
     assert len(generate.main(["--checkpoint", str(tmp_path / "ft"), "--words", "5"]).split()) >= 1
 
 
@@ -103,36 +133,50 @@ def cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+def assert_one_line_error(code, stderr, message):
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+
+
+def test_cli_error_is_one_line_in_a_real_process(tmp_path):
+    """The one real `python script.py` run: exit code 2 and one line on stderr, no traceback."""
+    result = cli("train_rnn.py", "--data", "/nonexistent/corpus", "--run-dir", str(tmp_path / "run"))
+    assert_one_line_error(result.returncode, result.stderr, "getdata.sh")
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["train_rnn.py", "--data", "/nonexistent/corpus"], "getdata.sh"),
-        (["train_rnn.py", "--data", "{corpus}", "--adaptivesoftmax", "--cutoffs", "10", "99999"], "--cutoffs"),
-        (["train_rnn.py", "--data", "{corpus}", "--model", "Transformer"], "unknown core 'Transformer'"),
-        (["train_rnn.py", "--resume", "{corpus}/train.txt"], "not a checkpoint"),
-        (["generate_rmc.py", "--checkpoint", "/nonexistent.pt"], "does not exist"),
+        ([train_rnn, "--data", "/nonexistent/corpus"], "getdata.sh"),
+        ([train_rnn, "--data", "{corpus}", "--adaptivesoftmax", "--cutoffs", "10", "99999"], "--cutoffs"),
+        ([train_rnn, "--data", "{corpus}", "--model", "Transformer"], "unknown core 'Transformer'"),
+        ([train_rnn, "--resume", "{corpus}/train.txt"], "not a checkpoint"),
+        ([generate_rmc, "--checkpoint", "/nonexistent.pt"], "does not exist"),
     ],
 )
-def test_cli_errors_are_one_line(argv, message, corpus_dir, tmp_path):
-    argv = [arg.replace("{corpus}", str(corpus_dir)) for arg in argv]
-    result = cli(*argv, "--run-dir", str(tmp_path / "run")) if argv[0] == "train_rnn.py" else cli(*argv)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+def test_cli_errors_are_one_line(argv, message, corpus_dir, tmp_path, command_line):
+    script, *argv = [arg.replace("{corpus}", str(corpus_dir)) if isinstance(arg, str) else arg for arg in argv]
+    if script is train_rnn:
+        argv += ["--run-dir", str(tmp_path / "run")]
+    code, _, stderr = command_line(script, *argv)
+    assert_one_line_error(code, stderr, message)
+    assert not (tmp_path / "run").exists()  # stopped before making a run folder
 
 
-def test_cli_non_utf8_names_file_and_line(corpus_dir):
+def test_cli_non_utf8_names_file_and_line(corpus_dir, tmp_path, command_line):
     (corpus_dir / "test.txt").write_bytes(b"ok\n\xff\xfe bad\n")
-    result = cli("train_rnn.py", "--data", str(corpus_dir))
-    assert result.returncode == 2 and "test.txt, line 2: not valid UTF-8" in result.stderr
+    code, _, stderr = command_line(train_rnn, "--data", corpus_dir, "--run-dir", tmp_path / "run")
+    assert_one_line_error(code, stderr, "test.txt, line 2: not valid UTF-8")
 
 
-def test_train_rnn_help_lists_core_flags():
-    result = cli("train_rnn.py", "--help")
-    assert result.returncode == 0
-    for flag in ("--rnn-impl", "--adaptivesoftmax", "--resume", "--max-steps", "--dry-run"):
-        assert flag in result.stdout
+def test_train_rnn_help_lists_core_flags(command_line):
+    code, stdout, _ = command_line(train_rnn, "--help")
+    assert code == 0
+    for flag in ("--rnn-impl", "--adaptivesoftmax", "--resume", "--max-steps", "--dry-run", "--dropout-after-projection",
+                 "--adaptive-projection"):
+        assert flag in stdout
 
 
 def test_checkpoint_runs_with_the_other_implementation(trained_run, corpus_dir):

@@ -58,8 +58,7 @@ def reference_step(memory, state, interface, mask=None):
     one_hot = F.one_hot(least_used, cells).to(state["memory"].dtype)  # [B, N]
     alpha, gamma = interface.write_gate, interface.interpolation_gate  # [B, 1]
     write = alpha * (gamma * state["read_weights"].mean(1) + (1 - gamma) * one_hot)  # [B, N]
-    erase = alpha * (1 - gamma) * one_hot
-    new_memory = (state["memory"] * (1 - erase).unsqueeze(-1)
+    new_memory = (state["memory"] * (1 - one_hot).unsqueeze(-1)  # R_t = I^U 1^T: the LRU row is set to zero
                   + write.unsqueeze(-1) * interface.write_vector.unsqueeze(1))
     similarity = (torch.einsum("brw,bnw->brn", interface.read_queries, new_memory)
                   / interface.read_queries.norm(dim=-1, keepdim=True).clamp_min(1e-6)
@@ -202,10 +201,30 @@ def test_lru_order_on_hand_built_accesses():
     torch.testing.assert_close(context.memory.dense(0)[0], 0.25 * basis[0])  # the LRU row is erased, then written
 
 
+@pytest.mark.parametrize("previous_read,expected", [
+    (2, [[1.0, 2.0], [6.0, -6.0], [7.0, 4.0]]),  # row 1 (LRU): 0 + 0.6 a; row 2 (read): M + 0.2 a
+    (1, [[1.0, 2.0], [8.0, -8.0], [5.0, 6.0]]),  # the LRU row was also read: 0 + (0.2 + 0.6) a
+])
+def test_write_step_by_hand(previous_read, expected):
+    """The paper's write section by hand: N = 3, W = 2, one head that read one row at t-1 with weight 1.
+    alpha = 0.8, gamma = 0.25, a = (10, -10), row 1 least recently used. w^W = 0.8 (0.25 w^R + 0.75 I^U);
+    M_t = (1 - I^U 1^T) M + w^W a^T zeroes row 1 whatever the gates (the old rule, which kept
+    1 - alpha (1 - gamma) = 0.4 of it, gives (7.2, -4.4) for row 1)."""
+    memory = SparseMemory(3, 3, 2, 1, sparse_reads=1)
+    state = memory.initial_state(1)
+    state.update(memory=torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]]),
+                 usage=torch.tensor([[2, 0, 1]], dtype=torch.int32), step=torch.tensor([2], dtype=torch.int32),
+                 read_positions=torch.tensor([[[previous_read]]]), read_weights=torch.ones(1, 1, 1))
+    scripted(memory, [interface_for(torch.tensor([[1.0, 0.0]]), torch.tensor([[10.0, -10.0]]), 0.25, 0.8)])
+    context = memory.begin(state)
+    memory.step(context, torch.zeros(1, 3))
+    torch.testing.assert_close(context.memory.dense(0), torch.tensor(expected))
+
+
 @pytest.mark.parametrize("interpolation", [0.0, 1.0])
 def test_write_goes_to_lru_or_previous_reads(interpolation):
-    """gamma = 0 writes alpha a into the LRU row only (after erasing alpha of it); gamma = 1 adds
-    alpha w^R_{t-1} a to the rows read at the previous step only."""
+    """gamma = 0 writes alpha a into the LRU row only (after setting it to zero); gamma = 1 adds
+    alpha w^R_{t-1} a to the rows read at the previous step only, and still zeroes the LRU row."""
     generator = torch.Generator().manual_seed(1)
     memory = make("SAM", cells=8, heads=2, sparse=2)
     state = random_state(memory, 2, generator)
@@ -221,11 +240,13 @@ def test_write_goes_to_lru_or_previous_reads(interpolation):
     for element in range(2):
         if interpolation == 0.0:
             expected = before["memory"][element].clone()
-            expected[least_used[element]] = 0.3 * expected[least_used[element]] + 0.7 * write_vector[element]
+            expected[least_used[element]] = 0.7 * write_vector[element]
         else:
             share = 0.7 * before["read_weights"][element].mean(0)  # [N], non-zero on the previous reads
             assert 0 < int((share > 0).sum()) <= 4
+            assert share[least_used[element]] == 0
             expected = before["memory"][element] + share.unsqueeze(-1) * write_vector[element]
+            expected[least_used[element]] = 0
         torch.testing.assert_close(after[element], expected)
 
 

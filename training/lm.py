@@ -174,9 +174,12 @@ class LMTrainer(Trainer):
     # ---- batches and loss
 
     def sequence_length(self) -> int:
-        if self.lm.variable_bptt:
-            return variable_bptt_length(self.lm.bptt, self.bptt_rng)
-        return self.lm.bptt
+        """--bptt, or with --variable-bptt a drawn length; fine-tuning caps it at bptt + 10 as AWD-LSTM's
+        finetune.py does (its main.py has the cap commented out, so training draws uncapped)."""
+        if not self.lm.variable_bptt:
+            return self.lm.bptt
+        length = variable_bptt_length(self.lm.bptt, self.bptt_rng)
+        return min(length, self.lm.bptt + 10) if self.state.finetune else length
 
     def batches_per_epoch(self) -> int:
         return math.ceil((self.train_data.size(0) - 1) / self.lm.bptt)
@@ -286,8 +289,13 @@ class LMTrainer(Trainer):
         return stop_reason
 
     def after_validation(self, valid_loss: float) -> str | None:
-        """NT-ASGD switch, --when decays and the plateau schedule; returns a stop reason or None."""
+        """NT-ASGD switch, --when decays and the plateau schedule; returns a stop reason or None.
+
+        As AWD-LSTM's main.py, --when divides the rate only after an epoch that trained without averaging
+        (its SGD/Adam branch; in the epoch of the switch that is the new ASGD's rate), never under ASGD.
+        """
         state, lm = self.state, self.lm
+        averaging = state.asgd  # the branch the original's epoch end takes
         triggered = nt_asgd_triggered(state.valid_history, valid_loss, lm.nonmono)
         state.valid_history.append(valid_loss)
         if triggered and state.asgd and state.finetune:
@@ -297,7 +305,7 @@ class LMTrainer(Trainer):
             self.switch_to_asgd()
             self.run.print(f"| switching to averaged SGD (NT-ASGD) after epoch {state.epoch}")
             self.run.log("asgd", epoch=state.epoch, step=state.step)
-        if state.epoch in lm.when:
+        if state.epoch in lm.when and not averaging:
             for group in self.optimizer.param_groups:
                 group["lr"] /= 10
             self.run.print(f"| epoch {state.epoch} is in --when: learning rate divided by 10")

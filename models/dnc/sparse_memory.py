@@ -8,8 +8,9 @@ One step, with `t-1` marking the state it starts from, R read heads and K = min(
     LRU         U = argmin_n last_access[n]                          the least recently accessed row
     write       w^W = alpha (gamma w^R_{t-1} + (1 - gamma) 1_U)       paper eq. 5; w^R_{t-1} = the R heads'
                                                                       read weights of step t-1, averaged
-                M = (1 - alpha (1 - gamma) 1_U 1^T) M_{t-1} + w^W a^T  row U is erased by its share of the
-                                                                      write, then every row gets its share of a
+                M = (1 - 1_U 1^T) M_{t-1} + w^W a^T                    the write section's R_t = I^U 1^T: row
+                                                                      U is set to zero, then every row gets its
+                                                                      share of a (the published port does so too)
     read        S_h = the K rows n of largest cos(q_h, M[n])          exact search, or FAISS (`search.py`)
                 w^R_h[n] = softmax_{n in S_h}(beta_h cos(q_h, M[n]));  r_h = sum_{n in S_h} w^R_h[n] M[n]
     usage       last_access[n] = t for every row written with a total weight > delta, or read by some
@@ -272,8 +273,7 @@ def is_first(first_index: Tensor) -> Tensor:
 
 
 def plan_write(usage: Tensor, read_positions: Tensor, read_weights: Tensor, write_gate: Tensor,
-               interpolation_gate: Tensor, read_heads: int, cut: bool
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               interpolation_gate: Tensor, read_heads: int, cut: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Paper eq. 5 on the C entries (the previous read entries, then the LRU row), merged per row.
 
     Args:
@@ -284,7 +284,6 @@ def plan_write(usage: Tensor, read_positions: Tensor, read_weights: Tensor, writ
 
     Returns:
         least_used: [B, 1] the LRU row U.
-        lru_share: [B, 1] alpha (1 - gamma), the LRU row's write weight.
         positions: [B, C'] the written rows, each row's first entry first (repeats at the end).
         weights: [B, C'] w^W of the row at its first entry, 0 at repeats.
         row_weights: [B, C'] w^W of the entry's row.
@@ -301,15 +300,15 @@ def plan_write(usage: Tensor, read_positions: Tensor, read_weights: Tensor, writ
     if cut:
         order = order[:, :int(distinct.sum(1).max())]  # [B, C']
     row_weights = totals.gather(1, first_index.gather(1, order))
-    return least_used, lru_share, positions.gather(1, order), totals.gather(1, order), row_weights
+    return least_used, positions.gather(1, order), totals.gather(1, order), row_weights
 
 
-def written_rows(old_rows: Tensor, positions: Tensor, least_used: Tensor, lru_share: Tensor, row_weights: Tensor,
-                 write_vector: Tensor, mask: Tensor | None) -> Tensor:
+def written_rows(old_rows: Tensor, positions: Tensor, least_used: Tensor, row_weights: Tensor, write_vector: Tensor,
+                 mask: Tensor | None) -> Tensor:
     """The rows after the write: [B, C', W] (old_rows [B, C', W] at positions [B, C'], `plan_write`'s outputs,
     write_vector a [B, W]; padding rows of mask [B] keep their old rows)."""
-    # The LRU row is erased by its own share of the write, alpha (1 - gamma), then every row adds its share of a.
-    erase = torch.where(positions == least_used, lru_share, 0).unsqueeze(-1)  # [B, C', 1]
+    # The paper's erase R_t = I^U 1^T sets the LRU row to zero whatever the gates; then every row adds its share of a.
+    erase = (positions == least_used).to(old_rows.dtype).unsqueeze(-1)  # [B, C', 1]
     new_rows = (1 - erase) * old_rows + row_weights.unsqueeze(-1) * write_vector.unsqueeze(1)
     if mask is not None:
         new_rows = torch.where(mask.view(-1, 1, 1), new_rows, old_rows)
@@ -585,12 +584,12 @@ class SparseMemory(nn.Module):
             row_weights: [B, C'] w^W of the entry's row.
         """
         plan = compiled(self, "write_plan", plan_write)
-        least_used, lru_share, positions, weights, row_weights = plan(
+        least_used, positions, weights, row_weights = plan(
             ctx.usage, ctx.read_positions, ctx.read_weights, interface.write_gate, interface.interpolation_gate,
             self.read_heads, not self.compile_step)
         ctx.least_used = least_used.squeeze(1)
         old_rows = ctx.memory.gather(positions)  # [B, C', W]
-        new_rows = compiled(self, "new_rows", written_rows)(old_rows, positions, least_used, lru_share, row_weights,
+        new_rows = compiled(self, "new_rows", written_rows)(old_rows, positions, least_used, row_weights,
                                                             interface.write_vector, mask)
         ctx.memory.write(positions, new_rows)
         ctx.index.update(positions, new_rows.detach())
