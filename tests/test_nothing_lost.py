@@ -145,8 +145,8 @@ def test_no_checkpoint_is_written_during_a_non_finite_streak(corpus_dir, tmp_pat
     before = files(run_dir)
     nan_loss_from(monkeypatch, first_step=5)
     status, lines, out = run_cli(train_rnn.main, ["--resume", str(run_dir), "--max-nonfinite", "4"], capsys)
-    assert_one_line_error(status, lines, 1, "not finite for 4 consecutive steps (steps 5-8)",
-                          "No checkpoint was written during them", f"{run_dir / 'checkpoint.pt'} holds step 4")
+    assert_one_line_error(status, lines, 1, "not finite for 4 consecutive steps (step 8)",
+                          "No checkpoint was written during them (steps 5-8)", f"{run_dir / 'checkpoint.pt'} holds step 4")
     assert "| step 6: checkpoint.pt not written, since the last 2 steps were not finite" in out
     after = files(run_dir)
     del before[Path("log.jsonl")], after[Path("log.jsonl")]  # the log records the skipped steps
@@ -339,9 +339,9 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(corpus_dir, tmp_pat
     capsys.readouterr()
     result = train_rnn.main(["--resume", str(run_dir), "--max-steps", "4"])
     out = capsys.readouterr().out
-    assert (f"| {newest} cannot be read (the file is truncated or damaged (its archive is incomplete: cut short while "
-            f"written or copied)); resuming from the checkpoint before it, {run_dir / 'checkpoint.previous.pt'} "
-            f"(step 2)") in out
+    assert (f"| {newest} cannot be read (the file is truncated or damaged: its archive is incomplete, as when cut "
+            f"short while written or copied); resuming from the checkpoint before it, "
+            f"{run_dir / 'checkpoint.previous.pt'} (step 2)") in out
     assert result["stopped"] == "max-steps"
     assert (run_dir / "checkpoint.previous.pt").read_bytes() == kept  # not replaced by the damaged file
     assert step_of(newest) == 4

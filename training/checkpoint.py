@@ -8,8 +8,8 @@ with `torch.save` and read with `weights_only=True` (so loading never runs code)
     kind         the model class ("LanguageModel", "TaskModel", "SequenceModel": `models.MODEL_CLASSES`)
     config       the model's config dataclass as a dict; `model` its state_dict
     script       the script that wrote it (format 2 on; for format 1 the run's args.json says, see `written_by`)
-    task         what it was trained on: "language model", or the task's class (e.g. "CopyTask"); written since
-                 a format-2 checkpoint could be resumed by another task's script (absent: not checked)
+    task         what it was trained on: "language model", or the task's class (e.g. "CopyTask"); added within
+                 format 2 (absent from older files, which are then checked by `script` alone)
     resumable    False for best.pt (written part-way through an epoch's end), True otherwise
     args         every flag (see `resume_args` for which may change on --resume)
     train_state  the loop's state dataclass (`training.loop.LoopState` and its subclasses)
@@ -45,6 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+import distributed
 import models
 from errors import TrainingError, UserInputError
 from training.flags import Flags
@@ -54,7 +55,7 @@ READABLE_FORMATS = (1, 2)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESUMABLE, PREVIOUS = "checkpoint.pt", "checkpoint.previous.pt"  # the newest resumable state, and the one before
 # Temporary files of `atomic_save` and `save_checkpoint` in a run folder (a process killed mid-save leaves one).
-STALE_TEMPORARY = re.compile(r"^\.(checkpoint|checkpoint\.previous|best)\.(pt\.[A-Za-z0-9_]+|json)\.tmp$")
+STALE_TEMPORARY = re.compile(r"^\.(checkpoint|best)\.(pt\.[A-Za-z0-9_]+|json)\.tmp$")
 
 # On --resume, these flags take this invocation's values, typed or default ...
 PER_INVOCATION = {"resume", "max_steps", "dry_run", "device", "cuda", "threads", "dist_timeout", "compile"}
@@ -259,7 +260,7 @@ def unreadable_reason(path: Path) -> str:
     if not head:
         return "the file is empty"
     if head.startswith(b"PK"):  # torch.save writes a zip archive
-        return "the file is truncated or damaged (its archive is incomplete: cut short while written or copied)"
+        return "the file is truncated or damaged: its archive is incomplete, as when cut short while written or copied"
     try:
         head.decode("utf-8")
         return "it is a text file"
@@ -391,7 +392,7 @@ def open_resume(flags: Flags, kind: str, script: str | None = None) -> tuple[arg
     `script`) and its flags merged with the typed ones; without, (the flags, None)."""
     if not flags.args.resume:
         return flags.args, None
-    checkpoint = read_resumable(flags.args.resume)
+    checkpoint = read_resumable(flags.args.resume, print if distributed.is_main() else lambda line: None)
     if checkpoint.get("kind") != kind:
         raise UserInputError(f"{checkpoint['path']} holds a {checkpoint.get('kind')}, not a {kind} "
                              f"(the model of this script)")

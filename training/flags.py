@@ -419,8 +419,8 @@ def cli(main: Callable[[list[str] | None], Any]) -> None:
         print(f"error{where}: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"error{where}: interrupted again before the checkpoint was saved; the run folder holds the "
-              f"checkpoints written before", file=sys.stderr)
+        print(f"error{where}: interrupted before a checkpoint could be saved (a second Ctrl-C does not wait "
+              f"for one); the checkpoints written before are kept", file=sys.stderr)
         sys.exit(EXIT_STATUS["interrupt"])
     except OSError as error:
         if error.errno not in DISK_ERRORS:

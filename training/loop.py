@@ -319,8 +319,8 @@ class Trainer:
             first = step - state.nonfinite_streak + 1
             raise TrainingError(
                 f"the loss or gradient was not finite for {state.nonfinite_streak} consecutive steps "
-                f"(steps {first}-{step}); lower --lr or --clip, or check the data. No checkpoint was written "
-                f"during them: {self.on_disk()}"
+                f"(step {step}); lower --lr or --clip, or check the data. No checkpoint was written during "
+                f"them (steps {first}-{step}): {self.on_disk()}"
             )
 
     def on_disk(self) -> str:

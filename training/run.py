@@ -101,6 +101,11 @@ class Run:
         self.created = created  # this invocation made the folder (see `setting_up`)
         self.new_files: list[Path] = []  # files of a new run that were not there before it (see `setting_up`)
         if self.main:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise UserInputError(f"cannot create the run folder {self.path}: {write_error_reason(error)}; "
+                                     f"choose a writable --run-dir") from None
             check_writable(self.path)
             remove_stale_temporaries(self.path)
         self.log_path = self.path / "log.jsonl"
@@ -110,15 +115,7 @@ class Run:
     def create(cls, args: argparse.Namespace, script: str) -> "Run":
         """A new run folder with `args.json`; rank 0 chooses it and tells the other ranks."""
         path = Path(distributed.agree(str(cls._new_path(args, script)) if distributed.is_main() else None))
-        created = False
-        if distributed.is_main():
-            created = not path.exists()
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise UserInputError(f"cannot create the run folder {path}: {write_error_reason(error)}; "
-                                     f"choose a writable --run-dir") from None
-        run = cls(path, created)
+        run = cls(path, created=distributed.is_main() and not path.exists())
         if run.main:
             run.new_files = [run.path / name for name in ("args.json", "log.jsonl") if not (run.path / name).exists()]
             meta = {
