@@ -515,7 +515,7 @@ class MemoryController(Core):
                           default=20.0, help="DNC: clamp the controller output to [-clip, clip] (0: off)")
 
     # The flags that must be positive integers, as the user types them (the config's errors name its fields).
-    POSITIVE_FLAGS = {"nhid": "-nhid", "nlayer": "-nlayer", "nhlayer": "-nhlayer", "mem_slot": "-mem_slot",
+    POSITIVE_FLAGS = {"nhid": "--nhid", "nlayer": "-nlayer", "nhlayer": "-nhlayer", "mem_slot": "-mem_slot",
                       "mem_size": "-mem_size", "read_heads": "-read_heads"}
 
     @classmethod
