@@ -174,7 +174,8 @@ class Corpus:
                 loaded["tokenizer_version"] == TOKENIZER_VERSION
                 and isinstance(vocab, list)
                 and all(isinstance(loaded[name], torch.Tensor) and loaded[name].dim() == 1 for name in SPLITS)
-                and all(int(loaded[name].max()) < len(vocab) for name in SPLITS)
+                and all(not loaded[name].is_floating_point() and loaded[name].numel() > 0 for name in SPLITS)
+                and all(0 <= int(loaded[name].min()) and int(loaded[name].max()) < len(vocab) for name in SPLITS)
             )
         except Exception as error:  # any unreadable cache is rebuilt, whatever broke it
             log.warning("cache %s is unreadable (%s); rebuilding it", path, error)
@@ -189,12 +190,16 @@ class Corpus:
 
         try:
             atomic_save(loaded, self.cache_path)
-        except OSError as error:
-            log.warning("could not write the corpus cache %s (%s); continuing without it", self.cache_path, error)
+        except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+            log.warning("could not write the corpus cache %s (%s); continuing without it", self.cache_path,
+                        str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
             return
         for stale in self.path.glob(f"{CACHE_PREFIX}*.pt"):
             if stale != self.cache_path:
-                stale.unlink(missing_ok=True)
+                try:
+                    stale.unlink(missing_ok=True)
+                except OSError:  # e.g. a read-only folder: an old cache left is harmless
+                    pass
 
 
 def batchify(

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> str:
         raise UserInputError(f"--temperature must be above 0, got {args.temperature}")
     if args.words < 0:
         raise UserInputError(f"--words must be at least 0, got {args.words}")
+    if args.outf and not Path(args.outf).parent.is_dir():
+        raise UserInputError(f"--outf {args.outf}: the folder {Path(args.outf).parent} does not exist; create it "
+                             f"or choose another path")
     device = training.resolve_device(args)
     model, checkpoint = training.load_checkpoint(training.best_checkpoint(args.checkpoint), device,
                                                  kind="LanguageModel")
@@ -80,7 +83,11 @@ def main(argv: list[str] | None = None) -> str:
     text = to_text(words)
     print(text)
     if args.outf:
-        Path(args.outf).write_text(text + "\n")
+        try:
+            Path(args.outf).write_text(text + "\n")
+        except OSError as error:
+            raise UserInputError(f"--outf {args.outf}: could not write it ({error.strerror or error}); choose "
+                                 f"another path") from None
         print(f"| wrote {len(words)} words to {args.outf}", file=sys.stderr)
     return text
 

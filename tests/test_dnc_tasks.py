@@ -358,7 +358,7 @@ def free_port():
     ("argmax", ["-sequence_max_length", "8", "--generalisation-lengths", "5"], "above this task's limit of 5"),
     ("copy", ["-input_size", "1"], "at least 1 bit"),
     ("copy", ["--model", "NOPE"], "unknown core 'NOPE'"),
-    ("copy", ["-mem_slot", "0"], "nr_cells must be a positive integer"),
+    ("copy", ["-mem_slot", "0"], "-mem_slot must be a positive integer, got 0"),
     ("copy", ["-visdom", "--visdom-server", "127.0.0.1", "--visdom-port", "PORT"], "no Visdom server answers"),
 ])
 def test_bad_flags_are_named(script, flags, message, tmp_path):

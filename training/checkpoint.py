@@ -7,7 +7,9 @@ with `torch.save` and read with `weights_only=True` (so loading never runs code)
                  migrated on reading, see `migrate`
     kind         the model class ("LanguageModel", "TaskModel", "SequenceModel": `models.MODEL_CLASSES`)
     config       the model's config dataclass as a dict; `model` its state_dict
-    script       the script that wrote it (format 2 on)
+    script       the script that wrote it (format 2 on; for format 1 the run's args.json says, see `written_by`)
+    task         what it was trained on: "language model", or the task's class (e.g. "CopyTask"); added within
+                 format 2 (absent from older files, which are then checked by `script` alone)
     resumable    False for best.pt (written part-way through an epoch's end), True otherwise
     args         every flag (see `resume_args` for which may change on --resume)
     train_state  the loop's state dataclass (`training.loop.LoopState` and its subclasses)
@@ -15,33 +17,45 @@ with `torch.save` and read with `weights_only=True` (so loading never runs code)
     rng          rank 0's Python / NumPy / torch / CUDA random states; rank_rngs every rank's under torchrun
     + the loop's own: hidden and bptt_rng (language models), generator(s) (tasks), curriculum (sequence tasks)
 
-Beside each file a JSON summary (`checkpoint.json`, `best.json`) says what it holds.
+Beside each file a JSON summary (`checkpoint.json`, `best.json`) says what it holds. Writing a new
+checkpoint.pt moves the one before it to `checkpoint.previous.pt` (and its summary), so a checkpoint.pt
+that turns out unreadable or diverged still leaves a state to resume (`--resume` falls back to it on its
+own when checkpoint.pt cannot be read). A write that fails (a full disk, a read-only folder) leaves the
+files as they were and raises `SaveFailed`; temporary files a killed process left behind
+(`.checkpoint.pt.XXXX.tmp`) are removed by the next start or save.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+import distributed
 import models
-from errors import UserInputError
+from errors import TrainingError, UserInputError
 from training.flags import Flags
 
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESUMABLE, PREVIOUS = "checkpoint.pt", "checkpoint.previous.pt"  # the newest resumable state, and the one before
+# Temporary files of `atomic_save` and `save_checkpoint` in a run folder (a process killed mid-save leaves one).
+STALE_TEMPORARY = re.compile(r"^\.(checkpoint|best)\.(pt\.[A-Za-z0-9_]+|json)\.tmp$")
 
 # On --resume, these flags take this invocation's values, typed or default ...
 PER_INVOCATION = {"resume", "max_steps", "dry_run", "device", "cuda", "threads", "dist_timeout", "compile"}
@@ -58,8 +72,51 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """`torch.save` to a temporary file in the same folder, then rename: never a half-written file."""
+class SaveFailed(TrainingError):
+    """A checkpoint could not be written (full disk, read-only folder); the files on disk are as they were."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"could not write {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def write_error_reason(error: BaseException) -> str:
+    """What went wrong in a write, in words: torch reports a full disk as a RuntimeError of its zip writer."""
+    if isinstance(error, OSError):
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "no space left on the device"
+        if error.errno == errno.EROFS:
+            return "the file system is read-only"
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied (the folder is not writable)"
+        return error.strerror or str(error)
+    return "the write failed (is the disk full?)"
+
+
+def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path]:
+    """Delete the temporary files a process killed mid-save left in `folder` (of `name` only, if given)."""
+    removed = []
+    try:
+        candidates = list(Path(folder).glob(f".{name}.*.tmp" if name else ".*.tmp"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        if name is None and not STALE_TEMPORARY.match(candidate.name):
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except OSError:
+            pass
+    return removed
+
+
+def atomic_save(obj: object, path: str | os.PathLike, previous: str | os.PathLike | None = None) -> None:
+    """`torch.save` to a temporary file in the same folder, then rename: never a half-written file.
+
+    With `previous`, an existing file at `path` is first moved there (the last good state is kept).
+    On any error the temporary file is removed and the files at `path` and `previous` are as before.
+    """
     path = Path(path)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -67,6 +124,8 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -108,9 +167,25 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------- writing and reading
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, **contents: Any) -> None:
-    """Write `{format, kind, config, model, **contents}` atomically, plus a JSON summary beside it."""
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, keep_previous: bool = False,
+                    **contents: Any) -> None:
+    """Write `{format, kind, config, model, **contents}` atomically, plus a JSON summary beside it.
+
+    With `keep_previous` the file it replaces becomes checkpoint.previous.pt (its summary too).
+
+    Raises:
+        SaveFailed: the file could not be written (the files on disk are unchanged).
+    """
     path = Path(path)
+    previous = path.with_name(PREVIOUS) if keep_previous else None
+    try:
+        _write_checkpoint(path, model, previous, contents)
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as a RuntimeError
+        raise SaveFailed(path, write_error_reason(error)) from None
+
+
+def _write_checkpoint(path: Path, model: torch.nn.Module, previous: Path | None, contents: dict) -> None:
+    remove_stale_temporaries(path.parent, path.name)
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "kind": type(model).__name__,
@@ -118,15 +193,31 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, **contents:
         "model": model.state_dict(),
         **contents,
     }
-    atomic_save(checkpoint, path)
+    moves_previous = previous is not None and path.exists()
+    atomic_save(checkpoint, path, previous)
     summary = {
-        "kind": checkpoint["kind"], "script": contents.get("script"), "config": checkpoint["config"],
-        "train_state": contents.get("train_state"), "git_commit": git_commit(),
+        "kind": checkpoint["kind"], "script": contents.get("script"), "task": contents.get("task"),
+        "config": checkpoint["config"], "train_state": contents.get("train_state"), "git_commit": git_commit(),
         "saved": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    tmp = path.with_name(f".{path.stem}.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    os.replace(tmp, path.with_suffix(".json"))
+    write_summary(path, summary, previous if moves_previous else None)
+
+
+def write_summary(path: Path, summary: dict, previous: Path | None) -> None:
+    """The JSON summary beside checkpoint `path` (the replaced one's moved beside `previous`).
+
+    Best effort: the summary only describes the checkpoint, so a failure to write it is not one to stop
+    a run for (the checkpoint itself is written by then).
+    """
+    summary_path, tmp = path.with_suffix(".json"), path.with_name(f".{path.stem}.json.tmp")
+    try:
+        if previous is not None and summary_path.exists():
+            os.replace(summary_path, previous.with_suffix(".json"))
+        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        os.replace(tmp, summary_path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def migrate(checkpoint: dict) -> dict:
@@ -150,31 +241,87 @@ def migrate(checkpoint: dict) -> dict:
     return checkpoint
 
 
+class UnreadableCheckpoint(UserInputError):
+    """A file `torch.load` cannot read (truncated, damaged, not a checkpoint); `reason` says which."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} is not a checkpoint this repository can read ({reason}); pass a checkpoint.pt "
+                         f"or best.pt written by one of its scripts")
+        self.path, self.reason = path, reason
+
+
+def unreadable_reason(path: Path) -> str:
+    """Why `torch.load` could not read `path`, in words (torch's own texts run to several sentences)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(512)
+    except OSError as error:
+        return f"it cannot be read: {error.strerror or error}"
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):  # torch.save writes a zip archive
+        return "the file is truncated or damaged: its archive is incomplete, as when cut short while written or copied"
+    try:
+        head.decode("utf-8")
+        return "it is a text file"
+    except UnicodeDecodeError:
+        return "it is not a file written by torch.save"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint dict on CPU without executing code; a run folder means its checkpoint.pt."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        path = path / RESUMABLE
     if not path.is_file():
         raise UserInputError(f"checkpoint {path} does not exist; pass a checkpoint file or a run folder")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
+        if not str(error).startswith("Weights only load failed"):  # the file is not a pickle at all
+            raise UnreadableCheckpoint(path, unreadable_reason(path)) from None
         raise UserInputError(
             f"{path} is not a checkpoint this repository can read (not a file of plain tensors; pickled objects are "
             f"never loaded, since unpickling can run code); pass a checkpoint.pt or best.pt written by one of its scripts"
         ) from None
-    except Exception as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise UserInputError(
-            f"{path} is not a checkpoint this repository can read ({first_line}); "
-            f"pass a checkpoint.pt or best.pt written by one of its scripts"
-        ) from None
+    except Exception:
+        raise UnreadableCheckpoint(path, unreadable_reason(path)) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") not in READABLE_FORMATS:
         raise UserInputError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT} expected)")
     checkpoint = migrate(checkpoint)
     checkpoint["path"] = str(path)
     return checkpoint
+
+
+def read_resumable(path: str | os.PathLike, announce: Callable[[str], None] = print) -> dict:
+    """`read_checkpoint` for --resume: when a run's checkpoint.pt cannot be read (cut short by a crash,
+    damaged), its checkpoint.previous.pt is read instead, saying so through `announce`."""
+    path = Path(path)
+    newest = path / RESUMABLE if path.is_dir() else path
+    previous = newest.with_name(PREVIOUS)
+    if newest.name != RESUMABLE or not previous.is_file():
+        return read_checkpoint(newest)
+    try:
+        return read_checkpoint(newest)
+    except UnreadableCheckpoint as error:
+        reason = error.reason
+        try:
+            checkpoint = read_checkpoint(previous)
+        except UserInputError:
+            raise error from None
+    step = (checkpoint.get("train_state") or {}).get("step")
+    announce(f"| {newest} cannot be read ({reason}); resuming from the checkpoint before it, {previous} (step {step})")
+    return checkpoint
+
+
+def written_by(checkpoint: dict) -> str | None:
+    """The script that wrote a checkpoint: stored since format 2; for older ones, the run's args.json says."""
+    if checkpoint.get("script"):
+        return checkpoint["script"]
+    try:
+        return json.loads((Path(checkpoint["path"]).parent / "args.json").read_text()).get("script")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_checkpoint(
@@ -240,18 +387,30 @@ def resume_args(flags: Flags, checkpoint: dict) -> argparse.Namespace:
     return merged
 
 
-def open_resume(flags: Flags, kind: str) -> tuple[argparse.Namespace, dict | None]:
-    """(args, checkpoint): with --resume, the checkpoint (which must hold a resumable `kind`) and its flags
-    merged with the typed ones; without, (the flags, None)."""
+def open_resume(flags: Flags, kind: str, script: str | None = None) -> tuple[argparse.Namespace, dict | None]:
+    """(args, checkpoint): with --resume, the checkpoint (which must hold a resumable `kind` written by
+    `script`) and its flags merged with the typed ones; without, (the flags, None)."""
     if not flags.args.resume:
         return flags.args, None
-    checkpoint = read_checkpoint(flags.args.resume)
+    checkpoint = read_resumable(flags.args.resume, print if distributed.is_main() else lambda line: None)
     if checkpoint.get("kind") != kind:
         raise UserInputError(f"{checkpoint['path']} holds a {checkpoint.get('kind')}, not a {kind} "
                              f"(the model of this script)")
+    writer = written_by(checkpoint)
+    if script is not None and writer is not None and writer != script:
+        raise UserInputError(f"{checkpoint['path']} is a run of {writer}.py, not of {script}.py; continue it with "
+                             f"`python {writer}.py --resume {flags.args.resume}`, or start a new run without --resume")
     if checkpoint.get("resumable") is False:
         raise UserInputError(
             f"{checkpoint['path']} holds the best weights, not a resumable state; resume from the run "
             f"folder or its checkpoint.pt"
         )
     return resume_args(flags, checkpoint), checkpoint
+
+
+def check_task(checkpoint: dict | None, task: str) -> None:
+    """On --resume, the task built from the flags must be the one the checkpoint was trained on."""
+    stored = checkpoint.get("task") if checkpoint is not None else None
+    if stored is not None and stored != task:
+        raise UserInputError(f"{checkpoint['path']} was trained on the task {stored}, not {task}; resume it with "
+                             f"the flags it was trained with, or start a new run without --resume")

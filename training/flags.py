@@ -5,14 +5,18 @@ sets its paper's defaults with `set_defaults`, and calls `parse_args`, which ret
 the values and which of them were typed (a resumed run may only change some; see
 `training.checkpoint.resume_args`). `check_lm_args` / `check_task_args` reject values the loops
 cannot use with a one-line `UserInputError` naming the flag; `cli` prints it (exit 2) or a
-`TrainingError` (exit 1) instead of a traceback.
+`TrainingError` (exit 1) instead of a traceback, and gives runs stopped by a signal the shell's
+statuses (see `cli`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import re
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -326,6 +330,24 @@ def check_lm_args(args: argparse.Namespace) -> None:
     check_update_args(args)
     _require(args, positive=("eval_batch_size", "test_batch_size", "bptt"),
              non_negative=("epochs", "save_interval", "alpha", "beta", "nonmono"))
+    if getattr(args, "save", None) and not Path(args.save).parent.is_dir():
+        raise UserInputError(f"--save {args.save}: the folder {Path(args.save).parent} does not exist; create it "
+                             f"or choose another path")
+
+
+# The flags of the output layers that split the vocabulary at --cutoffs (dest: as typed); a head that also
+# takes --cutoffs adds its flag here.
+CUTOFF_HEADS = {"adaptivesoftmax": "--adaptivesoftmax"}
+
+
+def check_softmax_args(args: argparse.Namespace) -> None:
+    """--cutoffs without an output layer that uses them is an error: ignoring them would train a full
+    softmax while the user believes the vocabulary is split (a warning scrolls past unread)."""
+    cutoffs = getattr(args, "cutoffs", None)
+    if cutoffs and not any(getattr(args, name, False) for name in CUTOFF_HEADS):
+        heads = " or ".join(CUTOFF_HEADS.values())
+        raise UserInputError(f"--cutoffs {' '.join(map(str, cutoffs))} only applies to an output layer that splits "
+                             f"the vocabulary into clusters ({heads}); add one, or drop --cutoffs")
 
 
 def check_task_args(args: argparse.Namespace) -> None:
@@ -367,14 +389,53 @@ def resolve_device(args: argparse.Namespace) -> torch.device:
     return device
 
 
+# Exit statuses of `cli`: a run stopped by Ctrl-C or SIGTERM (its checkpoint saved) exits as the shell
+# reports a process ended by that signal, 128 + its number, so a scheduler can tell it from a finished one.
+EXIT_STATUS = {"interrupt": 130, "terminate": 143}
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's failure (a RuntimeError of c10's)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 def cli(main: Callable[[list[str] | None], Any]) -> None:
-    """Run a script's `main`, printing user-facing errors as one line (exit 2) instead of a traceback."""
+    """Run a script's `main`, printing user-facing errors as one line instead of a traceback.
+
+    Exit statuses: 0 finished (or stopped by --max-steps); 1 training cannot go on (`TrainingError`,
+    e.g. persistent non-finite losses or a full disk; out of memory); 2 bad input (`UserInputError`);
+    130 stopped by Ctrl-C, 143 by SIGTERM, after saving a resumable checkpoint (a second Ctrl-C
+    leaves at once, also 130).
+    """
     where = f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
     try:
-        main(None)
+        result = main(None)
     except UserInputError as error:
         print(f"error{where}: {error}", file=sys.stderr)
         sys.exit(2)
     except TrainingError as error:
         print(f"error{where}: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"error{where}: interrupted before a checkpoint could be saved (a second Ctrl-C does not wait "
+              f"for one); the checkpoints written before are kept", file=sys.stderr)
+        sys.exit(EXIT_STATUS["interrupt"])
+    except OSError as error:
+        if error.errno not in DISK_ERRORS:
+            raise
+        from training.checkpoint import write_error_reason  # here: the checkpoint module imports this one
+
+        print(f"error{where}: could not write {error.filename or 'a file'}: {write_error_reason(error)}; free "
+              f"some space or choose a writable folder", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as error:
+        if not out_of_memory(error):
+            raise
+        asked = re.search(r"allocate ([0-9.]+ ?[A-Za-z]+)", str(error))
+        print(f"error{where}: out of memory{f' (asked for {asked.group(1)} more)' if asked else ''}; use shorter "
+              f"sequences, a smaller batch or a smaller model", file=sys.stderr)
+        sys.exit(1)
+    if isinstance(result, dict) and result.get("stopped") in EXIT_STATUS:
+        sys.exit(EXIT_STATUS[result["stopped"]])

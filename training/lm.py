@@ -28,7 +28,7 @@ from data import Corpus, batchify, get_batch
 from errors import UserInputError
 from models.core import detach_state, state_from_tensors, state_tensors
 from training.checkpoint import load_checkpoint, numpy_state, set_numpy_state
-from training.flags import Flags, FromArgs, check_lm_args
+from training.flags import Flags, FromArgs, check_lm_args, check_softmax_args
 from training.loop import LoopOptions, LoopState, Trainer, announce, prepare
 from training.run import Run, seed_everything, seed_rank
 
@@ -126,6 +126,7 @@ class LMTrainer(Trainer):
 
     state_class = LMState
     skip_action = "step skipped, state reset"
+    task_name = "language model"
 
     def __init__(self, model: models.LanguageModel, corpus: Corpus, options: LoopOptions, lm: LMOptions,
                  device: torch.device, run: Run, args: argparse.Namespace, script: str):
@@ -271,7 +272,7 @@ class LMTrainer(Trainer):
         started = time.perf_counter()
         with self.evaluation_weights():
             valid_loss = self.evaluate_split(self.model, "valid")
-            improved = valid_loss < state.best_valid_loss
+            improved = valid_loss < state.best_valid_loss and self.unsafe_to_save() is None
             if improved:
                 state.best_valid_loss, state.best_epoch = valid_loss, state.epoch
                 self.save("best.pt")
@@ -413,7 +414,7 @@ def run_language_model(flags: Flags, script: str, config_fn: ConfigFn = models.l
     With --resume the run continues from its checkpoint instead. Under torchrun every process
     runs this; --resume and `finetune_from` then need the checkpoint readable on every machine.
     """
-    args, checkpoint, device = prepare(flags, "LanguageModel", check_lm_args)
+    args, checkpoint, device = prepare(flags, "LanguageModel", check_lm_args, script)
     with distributed.session(device, args.dist_timeout):
         return _train_language_model(args, script, config_fn, finetune_from, checkpoint, device)
 
@@ -431,23 +432,26 @@ def _train_language_model(args: argparse.Namespace, script: str, config_fn: Conf
         model, start = load_checkpoint(finetune_from, device, kind="LanguageModel")
         check_vocabulary(start, corpus, args.data)
         run = Run.create(args, script)
-        run.log("finetune", start=start["path"])
     else:
+        check_softmax_args(args)
         try:
             model = models.LanguageModel(config_fn(args, len(corpus.dictionary))).to(device)
         except ValueError as error:
             raise UserInputError(str(error)) from None
         run = Run.create(args, script)
-    seed_rank(args.seed)
-    trainer = LMTrainer(model, corpus, LoopOptions.from_args(args), LMOptions.from_args(args), device, run, args,
-                        script)
-    if checkpoint is None and finetune_from is not None:
-        trainer.state.finetune = True
-        trainer.switch_to_asgd()
-        start_loss = trainer.evaluate_split(model, "valid")
-        trainer.state.best_valid_loss = start_loss  # fine-tuning must beat the model it starts from
-        trainer.save("best.pt", copy_best=False)
-        run.print(f"| fine-tuning {finetune_from} with averaged SGD from valid ppl {perplexity(start_loss):.2f}")
-        run.log("valid", epoch=0, step=0, loss=start_loss, ppl=perplexity(start_loss), asgd=False)
-    announce(trainer, checkpoint, f"{model.config.core} language model, vocabulary {len(corpus.dictionary):,}")
+    with run.setting_up():
+        if checkpoint is None and finetune_from is not None:
+            run.log("finetune", start=start["path"])
+        seed_rank(args.seed)
+        trainer = LMTrainer(model, corpus, LoopOptions.from_args(args), LMOptions.from_args(args), device, run, args,
+                            script)
+        if checkpoint is None and finetune_from is not None:
+            trainer.state.finetune = True
+            trainer.switch_to_asgd()
+            start_loss = trainer.evaluate_split(model, "valid")
+            trainer.state.best_valid_loss = start_loss  # fine-tuning must beat the model it starts from
+            trainer.save("best.pt", copy_best=False)
+            run.print(f"| fine-tuning {finetune_from} with averaged SGD from valid ppl {perplexity(start_loss):.2f}")
+            run.log("valid", epoch=0, step=0, loss=start_loss, ppl=perplexity(start_loss), asgd=False)
+        announce(trainer, checkpoint, f"{model.config.core} language model, vocabulary {len(corpus.dictionary):,}")
     return {"run_dir": str(run.path), **trainer.fit()}

@@ -18,8 +18,13 @@ non-finite loss or gradient is the documented one, decided on the device:
   (fused SGD / Adam take the flag as `found_inf` and skip in the kernel; other optimisers' updates
   are undone with `torch.where`), and the language model's recurrent state is reset;
 - at the next read it is printed, logged (`nonfinite` event with its step) and counted; when
-  --max-nonfinite consecutive steps were non-finite the run stops with a one-line error, and the
-  checkpoints on disk are unchanged (a checkpoint is only written after a read).
+  --max-nonfinite consecutive steps were non-finite the run stops with a one-line error that says
+  which step checkpoint.pt holds.
+
+No checkpoint is written while such a streak lasts, nor while any weight is not finite (`save`
+reads the pending steps first, and says what it skipped): a diverging run keeps the last state
+written before it diverged, and the one before that as checkpoint.previous.pt, in case the weights
+already blew up in the finite step just before the streak.
 
 The one exception is an optimiser's first step (it creates its state then), which is decided on
 the host. On the CPU reading a value costs nothing, so there every step is decided on the host as
@@ -51,7 +56,8 @@ from tqdm import tqdm
 import distributed
 from errors import TrainingError
 from models.core import Core
-from training.checkpoint import open_resume, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import (PREVIOUS, RESUMABLE, SaveFailed, open_resume, rng_state, save_checkpoint,
+                                 set_rng_state)
 from training.flags import Flags, FromArgs, public_args, resolve_device
 from training.run import STOP_REQUESTS, Run, StopSignals, keep_freed_memory, seed_rank
 
@@ -174,6 +180,7 @@ class Trainer:
     state_class: type[LoopState] = LoopState
     optimizer_settings: dict[str, dict] = {}  # extra constructor arguments per optimiser
     skip_action = "step skipped"
+    task_name = "task"  # what the model is trained on, stored in checkpoints (`training.checkpoint.check_task`)
 
     def __init__(self, model: nn.Module, options: LoopOptions, device: torch.device, run: Run,
                  args: argparse.Namespace, script: str):
@@ -188,6 +195,10 @@ class Trainer:
         self.optimizer = self.make_optimizer(options.optimizer)
         self.scheduler = self.make_scheduler()
         self.state = self.state_class()
+        self.saved_path: Path | None = None  # the newest resumable checkpoint on disk (None: none yet) ...
+        self.saved_step = 0  # ... and its step
+        self.saved_state: dict | None = None  # ... and the loop's `position` then
+        self.keep_previous = True  # whether the next save moves checkpoint.pt to checkpoint.previous.pt
         self.pending: list[tuple[int, int, torch.Tensor, Any, Any]] = []  # steps not yet read from the device
         self.bar: tqdm | None = None
         self.clock = time.perf_counter()
@@ -305,11 +316,22 @@ class Trainer:
         self.run.print(f"| step {step}: non-finite loss or gradient; {self.skip_action}")
         self.run.log("nonfinite", step=step, **self.where())
         if state.nonfinite_streak >= self.options.max_nonfinite:
+            first = step - state.nonfinite_streak + 1
             raise TrainingError(
                 f"the loss or gradient was not finite for {state.nonfinite_streak} consecutive steps "
-                f"(step {step}); lower --lr or --clip, or check the data. Checkpoints already "
-                f"in {self.run.path} are unchanged"
+                f"(step {step}); lower --lr or --clip, or check the data. No checkpoint was written during "
+                f"them (steps {first}-{step}): {self.on_disk()}"
             )
+
+    def on_disk(self) -> str:
+        """What the run folder holds to resume from, in words (for messages)."""
+        if self.saved_path is None:
+            return f"{self.run.path} holds no resumable checkpoint yet"
+        text = f"{self.saved_path} holds step {self.saved_step}"
+        if self.saved_path.name == RESUMABLE and (self.run.path / PREVIOUS).is_file():
+            text += (f" (if resuming it diverges at once, the weights blew up before that step: resume "
+                     f"{self.run.path / PREVIOUS}, the checkpoint before it)")
+        return text
 
     # ---- the loop
 
@@ -323,10 +345,13 @@ class Trainer:
                     stop = self.end_period()
         if stop not in (None, "converged"):
             path = self.save()
-            self.run.print(f"| stopped ({stop}) at step {self.state.step}: saved resumable checkpoint {path}; "
-                           f"continue with --resume {self.run.path}")
+            if path is not None:
+                self.run.print(f"| stopped ({stop}) at step {self.state.step}: saved resumable checkpoint {path}; "
+                               f"continue with --resume {self.run.path}")
+            else:
+                self.run.print(f"| stopped ({stop}) at step {self.state.step} without saving; {self.on_disk()}")
             if stop == "terminate":  # leave at once
-                return {"stopped": stop, "step": self.state.step, "checkpoint": str(path)}
+                return {"stopped": stop, "step": self.state.step, "checkpoint": str(path) if path else None}
         return {"stopped": stop, **self.results()}
 
     def train_period(self, signals: StopSignals) -> str | None:
@@ -422,6 +447,7 @@ class Trainer:
         scaler = self.precision.scaler
         return {
             "script": self.script,
+            "task": self.task_name,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -431,21 +457,55 @@ class Trainer:
             **({"rank_rngs": rngs} if len(rngs) > 1 else {}),
         }
 
-    def save(self, name: str = "checkpoint.pt", copies: tuple[Path, ...] = ()) -> Path:
+    def unsafe_to_save(self) -> str | None:
+        """Why no checkpoint may be written now (None: it may): a streak of non-finite steps is under
+        way, or a weight is not finite. The pending steps are read first; every rank decides alike."""
+        self.collect()
+        if self.state.nonfinite_streak:
+            return f"the last {self.state.nonfinite_streak} steps were not finite"
+        weights = [p.detach() for p in self.model.parameters()]
+        if weights and not bool(torch.stack([w.isfinite().all() for w in weights]).all()):
+            return "some weights are not finite"
+        return None
+
+    def save(self, name: str = RESUMABLE, copies: tuple[Path, ...] = ()) -> Path | None:
         """Write `name` in the run folder (atomically), and the same contents to each of `copies`;
-        best.pt is marked not resumable.
+        best.pt is marked not resumable. Returns the path, or None when `unsafe_to_save` forbids it
+        (it says so). A new checkpoint.pt moves the one it replaces to checkpoint.previous.pt.
 
         Every rank calls it; rank 0 writes. Pending steps are read first, so a checkpoint never
         holds a step whose skip has not been decided and reported.
+
+        Raises:
+            TrainingError: the file could not be written (full disk, read-only folder); what is on
+                disk is unchanged and the message says what it holds.
         """
-        self.collect()
-        self.state.log_bytes = self.run.log_size()
+        reason = self.unsafe_to_save()
+        if reason is not None:
+            self.run.print(f"| step {self.state.step}: {name} not written, since {reason}; {self.on_disk()}")
+            self.run.log("save_skipped", step=self.state.step, file=name, reason=reason)
+            return None
         path = self.run.path / name
+        if name == RESUMABLE and path == self.saved_path and self.saved_state == self.position():
+            return path  # nothing has changed since (e.g. --max-steps right after a check): keep the previous one
+        self.state.log_bytes = self.run.log_size()
         contents = {**self.checkpoint_contents(), "resumable": name != "best.pt"}
         if distributed.is_main():
-            for target in (path, *copies):
-                save_checkpoint(target, self.model, **contents)
+            try:
+                for target in (path, *copies):
+                    save_checkpoint(target, self.model, keep_previous=target == path and name == RESUMABLE
+                                    and self.keep_previous, **contents)
+            except SaveFailed as error:
+                raise TrainingError(f"{error}; {self.on_disk()}. Free some space (or make the folder writable), "
+                                    f"then continue with --resume {self.run.path}") from None
+        if name == RESUMABLE:
+            self.saved_path, self.saved_step, self.keep_previous = path, self.state.step, True
+            self.saved_state = self.position()
         return path
+
+    def position(self) -> dict:
+        """The loop's state less the log's size and the clock: equal for two saves with no step between them."""
+        return {**dataclasses.asdict(self.state), "log_bytes": None, "interval_seconds": None}
 
     def restore(self, checkpoint: dict) -> None:
         """Continue from a checkpoint written by `save` (weights already loaded into the model).
@@ -470,6 +530,10 @@ class Trainer:
             seed_rank(self.options.seed)
         self.restore_streams(checkpoint, same)
         self.run.truncate_log(self.state.log_bytes)
+        self.saved_path, self.saved_step = Path(checkpoint["path"]), self.state.step
+        # resumed from checkpoint.previous.pt (checkpoint.pt unreadable or diverged): the next save replaces
+        # checkpoint.pt without moving it over the state resumed from
+        self.keep_previous = Path(checkpoint["path"]).name != PREVIOUS
 
     # ---- hooks
 
@@ -527,11 +591,12 @@ class Trainer:
 # --------------------------------------------------------------------------- start-up shared by every script
 
 
-def prepare(flags: Flags, kind: str, check: Callable[[argparse.Namespace], None]
+def prepare(flags: Flags, kind: str, check: Callable[[argparse.Namespace], None], script: str | None = None
             ) -> tuple[argparse.Namespace, dict | None, torch.device]:
-    """(args, checkpoint or None, device): --resume merged and checked, flags validated, threads set,
-    the device chosen (under torchrun cuda:LOCAL_RANK for a CUDA request)."""
-    args, checkpoint = open_resume(flags, kind)
+    """(args, checkpoint or None, device): --resume merged and checked (a run of another script is
+    refused), flags validated, threads set, the device chosen (under torchrun cuda:LOCAL_RANK for a
+    CUDA request)."""
+    args, checkpoint = open_resume(flags, kind, script)
     check(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import datetime
@@ -12,6 +13,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from errors import UserInputError
-from training.checkpoint import git_commit
+from errors import TrainingError, UserInputError
+from training.checkpoint import git_commit, remove_stale_temporaries, write_error_reason
 from training.flags import public_args
 
 
@@ -69,6 +71,17 @@ def keep_freed_memory() -> bool:
 # --------------------------------------------------------------------------- run folders and logs
 
 
+def check_writable(folder: Path) -> None:
+    """Raise a one-line UserInputError unless a file can be created in `folder` (a read-only folder or
+    file system, a full disk's quota), before anything is trained."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserInputError(f"cannot write in the run folder {folder}: {write_error_reason(error)}; make it "
+                             f"writable (or choose another --run-dir for a new run)") from None
+
+
 def json_safe(value: Any) -> Any:
     """Non-finite floats become None, so log.jsonl stays strict JSON (no NaN or Infinity)."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
@@ -77,23 +90,34 @@ def json_safe(value: Any) -> Any:
 class Run:
     """A run folder: `args.json`, `log.jsonl`, checkpoints. Prints log lines and appends them as JSON.
 
-    Under torchrun only rank 0 prints and writes; on the other ranks the same calls do nothing.
+    Opening one (new or resumed) checks that the folder can be written, with a one-line error if not,
+    and removes temporary files a process killed mid-save left there. Under torchrun only rank 0
+    prints and writes; on the other ranks the same calls do nothing.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, created: bool = False):
         self.path = Path(path)
         self.main = distributed.is_main()
+        self.created = created  # this invocation made the folder (see `setting_up`)
+        self.new_files: list[Path] = []  # files of a new run that were not there before it (see `setting_up`)
         if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise UserInputError(f"cannot create the run folder {self.path}: {write_error_reason(error)}; "
+                                     f"choose a writable --run-dir") from None
+            check_writable(self.path)
+            remove_stale_temporaries(self.path)
         self.log_path = self.path / "log.jsonl"
         self.bar: tqdm | None = None
 
     @classmethod
     def create(cls, args: argparse.Namespace, script: str) -> "Run":
         """A new run folder with `args.json`; rank 0 chooses it and tells the other ranks."""
-        path = distributed.agree(str(cls._new_path(args, script)) if distributed.is_main() else None)
-        run = cls(Path(path))
+        path = Path(distributed.agree(str(cls._new_path(args, script)) if distributed.is_main() else None))
+        run = cls(path, created=distributed.is_main() and not path.exists())
         if run.main:
+            run.new_files = [run.path / name for name in ("args.json", "log.jsonl") if not (run.path / name).exists()]
             meta = {
                 "args": public_args(args), "script": script, "argv": sys.argv, "git_commit": git_commit(),
                 "torch": torch.__version__, "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -102,11 +126,29 @@ class Run:
             (run.path / "args.json").write_text(json.dumps(meta, indent=2) + "\n")
         return run
 
+    @contextlib.contextmanager
+    def setting_up(self):
+        """Around a new run's set-up: when it fails (a flag the model or data refuse, Ctrl-C), remove
+        the args.json and log.jsonl it wrote where there were none, and the folder if this invocation
+        made it and nothing else is in it, so a refused run leaves nothing behind. A resumed run's
+        folder is left alone."""
+        try:
+            yield self
+        except BaseException:
+            if self.main:
+                for path in self.new_files:
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
+                if self.created:
+                    with contextlib.suppress(OSError):
+                        self.path.rmdir()  # only if empty
+            raise
+
     @staticmethod
     def _new_path(args: argparse.Namespace, script: str) -> Path:
         if args.run_dir:
             path = Path(args.run_dir)
-            if (path / "checkpoint.pt").exists() or (path / "best.pt").exists():
+            if any((path / name).exists() for name in ("checkpoint.pt", "checkpoint.previous.pt", "best.pt")):
                 raise UserInputError(
                     f"run folder {path} already holds checkpoints; continue it with --resume {path}, "
                     f"or choose another --run-dir"
@@ -133,8 +175,12 @@ class Run:
             return
         record = {"event": event, "time": round(time.time(), 3),
                   **{key: json_safe(value) for key, value in fields.items()}}
-        with open(self.log_path, "a") as file:
-            file.write(json.dumps(record) + "\n")
+        try:
+            with open(self.log_path, "a") as file:
+                file.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise TrainingError(f"could not write {self.log_path}: {write_error_reason(error)}; free some space "
+                                f"(or make the folder writable), then continue with --resume {self.path}") from None
 
     def log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +42,7 @@ from models.core import get_core_class
 from models.task_model import SequenceModel, TaskModel, TaskModelConfig
 from tasks.curriculum import Curriculum, spread_lengths
 from tasks.protocol import SequenceTask, Task
-from training.checkpoint import load_checkpoint
+from training.checkpoint import check_task, load_checkpoint
 from training.flags import (Flags, FromArgs, check_sequence_args, check_task_args,
                             default_generalisation_lengths)
 from training.loop import LoopOptions, LoopState, Trainer, announce, prepare
@@ -101,6 +102,7 @@ class TaskTrainer(Trainer):
                  device: torch.device, run: Run, args: argparse.Namespace, script: str):
         super().__init__(model, options, device, run, args, script)
         self.task, self.task_options = task, task_options
+        self.task_name = type(task).__name__
         self.batch_size = distributed.share(task_options.batch_size, "--batch_size")  # this rank's examples
         self.generator = torch.Generator().manual_seed(distributed.rank_seed(options.seed))  # this rank's examples
         self.loss_fn = distributed.wrap(model, lambda batch: self.compute_loss(batch))
@@ -182,7 +184,7 @@ class TaskTrainer(Trainer):
         state = self.state
         started = time.perf_counter()
         test_loss, test_accuracy = self.evaluate()
-        improved = test_accuracy > state.best_accuracy
+        improved = test_accuracy > state.best_accuracy and self.unsafe_to_save() is None
         if improved:
             state.best_accuracy, state.best_step = test_accuracy, state.step
         lr = self.lr
@@ -312,7 +314,7 @@ class SequenceTaskTrainer(TaskTrainer):
             improved = value > state.best_metric if task.higher_is_better else value < state.best_metric
         else:
             improved = False
-        improved = improved and math.isfinite(value)
+        improved = improved and math.isfinite(value) and self.unsafe_to_save() is None
         if improved:
             state.best_metric, state.best_max_length, state.best_step = value, longest, state.step
         lr = self.lr
@@ -354,9 +356,41 @@ def build_task(args: argparse.Namespace, make_task: Callable[[argparse.Namespace
     """The task, and the model config for a new run (None when resuming); ValueError -> UserInputError."""
     try:
         task = make_task(args)
-        return task, (task_model_config_from_args(args, task) if checkpoint is None else None)
+        config = task_model_config_from_args(args, task) if checkpoint is None else None
     except ValueError as error:
         raise UserInputError(str(error)) from None
+    check_task(checkpoint, type(task).__name__)
+    return task, config
+
+
+def memory_bytes(device: torch.device) -> int:
+    """The memory of `device`: the GPU's, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_sequence_memory(args: argparse.Namespace, task: SequenceTask, device: torch.device) -> None:
+    """Refuse lengths whose batches cannot fit in memory, before anything is built.
+
+    A sequence model's inputs and outputs at every step of one batch of the longest sequences the
+    run uses (the curriculum's last maximum, or the longest --generalisation-lengths) are a lower
+    bound of what a step needs (activations and the memory's state come on top): when even they
+    exceed the device's memory (e.g. argmax_task.py -sequence_max_length 100000, whose output layer
+    names a million positions), the run could only end out of memory.
+    """
+    reached = args.sequence_max_length + args.curriculum_increment * (args.iterations // args.curriculum_freq)
+    if task.max_length is not None:
+        reached = min(reached, task.max_length)
+    longest = max(reached, *args.generalisation_lengths)
+    needed = longest * args.batch_size * (task.input_size + task.output_size) * 4  # fp32
+    available = memory_bytes(device)
+    if needed > available:
+        raise UserInputError(
+            f"one batch of the longest sequences of this run ({longest:,} steps, -batch_size {args.batch_size}, "
+            f"{task.input_size + task.output_size:,} inputs and outputs a step) needs {needed / 2**30:,.0f} GiB for "
+            f"its inputs and outputs alone, more than the {available / 2**30:,.0f} GiB of memory of {device}; use a "
+            f"smaller -sequence_max_length, --generalisation-lengths or -batch_size")
 
 
 def open_run(args: argparse.Namespace, script: str, kind: str, config: TaskModelConfig | None,
@@ -379,7 +413,7 @@ def run_task(flags: Flags, script: str, make_task: Callable[[argparse.Namespace]
         {"run_dir", "stopped", "step", "best_accuracy", "best_step", "test_loss", "test_accuracy"},
         the last two from the current model at the end (left out after SIGTERM).
     """
-    args, checkpoint, device = prepare(flags, "TaskModel", check_task_args)
+    args, checkpoint, device = prepare(flags, "TaskModel", check_task_args, script)
     seed_everything(args.seed)
     with distributed.session(device, args.dist_timeout):
         return _train_task(args, script, make_task, checkpoint, device)
@@ -390,10 +424,11 @@ def _train_task(args: argparse.Namespace, script: str, make_task: Callable[[argp
     """`run_task` inside the process group (a function of its own, so the trainer is freed before the group)."""
     task, config = build_task(args, make_task, checkpoint)
     model, run = open_run(args, script, "TaskModel", config, checkpoint, device)
-    seed_rank(args.seed)
-    trainer = TaskTrainer(model, task, LoopOptions.from_args(args), TaskOptions.from_args(args), device, run, args,
-                          script)
-    announce(trainer, checkpoint, f"{model.config.core} {type(model).__name__}")
+    with run.setting_up():
+        seed_rank(args.seed)
+        trainer = TaskTrainer(model, task, LoopOptions.from_args(args), TaskOptions.from_args(args), device, run,
+                              args, script)
+        announce(trainer, checkpoint, f"{model.config.core} {type(model).__name__}")
     result = {"run_dir": str(run.path), **trainer.fit()}
     if result["stopped"] == "terminate":  # leave at once; the checkpoint is saved
         return result
@@ -419,7 +454,7 @@ def run_sequence_task(flags: Flags, script: str, make_task: Callable[[argparse.N
         "generalisation"}: `test` holds the current model's metrics on the test set at the final
         maximum length, `generalisation` {length: metrics}; both left out after SIGTERM.
     """
-    args, checkpoint, device = prepare(flags, "SequenceModel", check_sequence_args)
+    args, checkpoint, device = prepare(flags, "SequenceModel", check_sequence_args, script)
     seed_everything(args.seed)
     if args.generalisation_lengths is None:
         args.generalisation_lengths = default_generalisation_lengths(args)
@@ -432,6 +467,7 @@ def run_sequence_task(flags: Flags, script: str, make_task: Callable[[argparse.N
     if min(args.generalisation_lengths) < task.min_length:
         raise UserInputError(f"--generalisation-lengths must be at least {task.min_length} for this task, "
                              f"got {args.generalisation_lengths}")
+    check_sequence_memory(args, task, device)
     callback = None
     if pictures is not None and distributed.is_main():
         try:
@@ -447,10 +483,11 @@ def _train_sequence_task(args: argparse.Namespace, script: str, task: SequenceTa
     """`run_sequence_task` inside the process group (a function of its own, so the trainer is freed
     before the group)."""
     model, run = open_run(args, script, "SequenceModel", config, checkpoint, device)
-    seed_rank(args.seed)
-    trainer = SequenceTaskTrainer(model, task, LoopOptions.from_args(args), TaskOptions.from_args(args), device,
-                                  run, args, script, curriculum, pictures)
-    announce(trainer, checkpoint, f"{model.config.core} {type(model).__name__}")
+    with run.setting_up():
+        seed_rank(args.seed)
+        trainer = SequenceTaskTrainer(model, task, LoopOptions.from_args(args), TaskOptions.from_args(args), device,
+                                      run, args, script, curriculum, pictures)
+        announce(trainer, checkpoint, f"{model.config.core} {type(model).__name__}")
     result = {"run_dir": str(run.path), **trainer.fit()}
     if result["stopped"] == "terminate":
         return result

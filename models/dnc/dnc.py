@@ -514,8 +514,16 @@ class MemoryController(Core):
         add_argument_once(group, "--controller-clip", "--controller_clip", dest="controller_clip", type=float,
                           default=20.0, help="DNC: clamp the controller output to [-clip, clip] (0: off)")
 
+    # The flags that must be positive integers, as the user types them (the config's errors name its fields).
+    POSITIVE_FLAGS = {"nhid": "--nhid", "nlayer": "-nlayer", "nhlayer": "-nhlayer", "mem_slot": "-mem_slot",
+                      "mem_size": "-mem_size", "read_heads": "-read_heads"}
+
     @classmethod
     def config_from_args(cls, args: argparse.Namespace, input_size: int) -> DNCConfig:
+        for name, flag in cls.POSITIVE_FLAGS.items():
+            value = getattr(args, name)
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {value}")
         # Dropout acts between the nlayer * nhlayer recurrent layers of the controller.
         depth = argparse.Namespace(**{**vars(args), "nlayers": args.nlayer * args.nhlayer})
         return cls.Config(
@@ -553,6 +561,7 @@ class SAMCore(MemoryController):
 
     Config = SAMConfig
     memory_class = SparseMemory
+    POSITIVE_FLAGS = {**MemoryController.POSITIVE_FLAGS, "sparse_reads": "-sparse_reads"}
 
     def memory_options(self) -> dict[str, Any]:
         return {"sparse_reads": self.config.sparse_reads, "index": self.config.nn_index}
@@ -568,6 +577,7 @@ class SDNCCore(SAMCore):
 
     Config = SDNCConfig
     memory_class = SparseTemporalMemory
+    POSITIVE_FLAGS = {**SAMCore.POSITIVE_FLAGS, "temporal_reads": "-temporal_reads"}
 
     def memory_options(self) -> dict[str, Any]:
         return {**super().memory_options(), "temporal_reads": self.config.temporal_reads}
