@@ -284,6 +284,7 @@ class QRNN(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         directions = 2 if bidirectional else 1
         if layers:
+            layer_kwargs.pop("use_cuda", None)  # ignored everywhere (the tensors' device decides), as torchqrnn allows
             if layer_kwargs:
                 raise ValueError(f"layer options {sorted(layer_kwargs)} apply only when QRNN builds its layers; "
                                  "set them on the given layers")

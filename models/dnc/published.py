@@ -118,7 +118,7 @@ def _sparse_to_published(memory: SparseMemory, state: MemoryState, reads: Tensor
 
 def _sparse_from_published(memory: SparseMemory, public: MemoryState) -> MemoryState:
     keys = set(memory.state_keys()) | {"write_positions", "write_weights"}
-    state = {key: public[key] for key in keys if key in public}
+    state = {key: value for key, value in public.items() if key in keys}  # in the given order
     positions = public.get("read_positions")
     if positions is None or positions.dim() == 3:  # missing (the memory names it), or the steps' own form
         return state
