@@ -213,6 +213,15 @@ def load_checkpoint(
     return model.to(device).eval(), checkpoint
 
 
+def check_model_flag(checkpoint: dict, model: str | None) -> str | None:
+    """The original scripts' `--model` beside a checkpoint (generate.py, pointer.py): there the loaded model
+    decides and the flag was unused; a note when it names another core than the checkpoint's run, else None."""
+    trained = checkpoint.get("args", {}).get("model")
+    if model is None or trained is None or str(model).upper() == str(trained).upper():
+        return None
+    return f"note: --model {model} ignored: {checkpoint.get('path', 'the checkpoint')} holds a {trained} model"
+
+
 def best_checkpoint(path: str | os.PathLike) -> Path:
     """A run folder means its best.pt (its checkpoint.pt while no evaluation has finished); a file is itself."""
     path = Path(path)
