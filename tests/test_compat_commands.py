@@ -225,3 +225,60 @@ def test_gpu_flags_without_a_gpu_say_so_in_one_line(command, tmp_path, monkeypat
     words = shlex.split(command)
     with pytest.raises(UserInputError, match="CUDA is not available"):
         importlib.import_module(Path(words[1]).stem).main([*words[2:], "--dry-run"])
+
+
+# ------------------------------------------------------------------------------------------------
+# What the flags new to these scripts do
+
+
+@pytest.fixture
+def trained(corpus_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train_rnn.main(["--data", str(corpus_dir), "--run-dir", str(run_dir), "--dry-run", *TINY_LM_FLAGS])
+    return run_dir
+
+
+def test_generate_checks_data_notes_model_and_logs_progress(trained, corpus_dir, tmp_path, capsys):
+    text = generate_rmc.main(["--checkpoint", str(trained), "--data", str(corpus_dir), "--words", "5",
+                              "--log-interval", "2", "--model", "LSTM", "--seed", "3"])
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("| generated")] == [
+        "| generated 0/5 words", "| generated 2/5 words", "| generated 4/5 words"]
+    assert "note" not in err
+    assert text == generate_rmc.main(["--checkpoint", str(trained), "--words", "5", "--seed", "3"])  # same sampling
+    generate_rmc.main(["--checkpoint", str(trained), "--words", "1", "--model", "QRNN"])
+    err = capsys.readouterr().err
+    assert "--model QRNN ignored" in err and "holds a LSTM model" in err
+    other = write_corpus(tmp_path / "other", {"train": 20, "valid": 4, "test": 4}, seed=5)
+    (other / "train.txt").write_text((other / "train.txt").read_text() + "zebra\n")
+    with pytest.raises(UserInputError, match="another vocabulary"):
+        generate_rmc.main(["--checkpoint", str(trained), "--data", str(other)])
+
+
+def test_pointer_dry_run_reads_two_windows_and_notes_model(trained, corpus_dir, capsys):
+    full = pointer.main(["--checkpoint", str(trained), "--data", str(corpus_dir), "--bptt", "7", "--window", "5"])
+    dry = pointer.main(["--save", str(trained), "--data", str(corpus_dir), "--bptt", "7", "--window", "5",
+                        "--dry-run", "--model", "QRNN"])
+    assert dry["valid"]["tokens"] == 14 and full["valid"]["tokens"] > 14
+    assert "--model QRNN ignored" in capsys.readouterr().out
+
+
+def test_onnx_export_needs_onnx_and_exports_the_best_model(corpus_dir, tmp_path, monkeypatch):
+    argv = ["--data", str(corpus_dir), "--dry-run", *TINY_LM_FLAGS, "--onnx-export", str(tmp_path / "model.onnx")]
+    monkeypatch.setitem(sys.modules, "onnx", None)  # not installed: stop before training, say what to install
+    with pytest.raises(UserInputError, match="pip install onnx"):
+        train_rnn.main([*argv, "--run-dir", str(tmp_path / "a")])
+    monkeypatch.setitem(sys.modules, "onnx", argparse.Namespace())
+    exported = {}
+
+    def export(module, arguments, path, **options):
+        exported.update(module=module, arguments=arguments, path=path)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    train_rnn.main([*argv, "--run-dir", str(tmp_path / "b")])
+    (tokens,) = exported["arguments"]
+    assert exported["path"] == str(tmp_path / "model.onnx") and tokens.shape == (8, 1)  # [bptt, 1]
+    best, _ = training.load_checkpoint(tmp_path / "b" / "best.pt", torch.device("cpu"))
+    best.eval()
+    features, _ = best(tokens)
+    torch.testing.assert_close(exported["module"](tokens), best.log_probs(features))
