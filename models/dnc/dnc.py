@@ -36,12 +36,14 @@ recomputed, so keeping them costs no more memory than recomputing it. Smaller DN
 (which touch O(K) rows per step) do not checkpoint by default; `checkpoint_steps=k` forces
 segments of k steps, 0 turns checkpointing off.
 
-State: `DNCState(controller, memory, read_vectors)`, the published
-`(controller_hidden, memory_hidden, read_vectors)` tuple, tensors only:
+State of the cores: `DNCState(controller, memory, read_vectors)`, tensors only:
 - controller: a list with one entry per layer, `(h, c)` for LSTM or `h` for GRU / RNN, each
   [num_hidden_layers, B, H];
 - memory: the memory's state dict (shared memory), or a list of dicts, one per layer;
 - read_vectors: [L, B, R * W], each layer's latest read vectors ([B, R * W] is accepted for L = 1).
+The published classes (`DNC`, `SAM`, `SDNC`) show it to their users as pytorch-dnc 1.1.0 did, the
+`(controller_hidden, memory_hidden, read_vectors)` tuple with 1.1.0's memory keys and shapes and the
+last layer's read vectors [B, R * W] (`published.py`), and take that form back.
 
 Shapes: `T` time steps, `B` batch, `D` input size, `H` controller hidden size, `L` layers,
 `R` read heads, `W` cell size, `N` memory cells, `O` output size (D unless set).
