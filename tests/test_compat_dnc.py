@@ -55,8 +55,9 @@ def published_keys(kind: str, rnn) -> dict[str, tuple]:
     """1.1.0's memory keys and their shapes for the README's sizes (batch 10, 100 cells of 32, 4 heads of 4 reads)."""
     batch, cells, width, heads = 10, rnn.nr_cells, rnn.cell_size, rnn.read_heads
     if kind == "DNC":
-        return {"memory": (batch, cells, width), "link_matrix": (batch, 1, cells, cells), "precedence": (batch, 1, cells),
-                "read_weights": (batch, heads, cells), "write_weights": (batch, 1, cells), "usage_vector": (batch, cells)}
+        return {"memory": (batch, cells, width), "link_matrix": (batch, 1, cells, cells),
+                "precedence": (batch, 1, cells), "read_weights": (batch, heads, cells),
+                "write_weights": (batch, 1, cells), "usage_vector": (batch, cells)}
     visible = heads * rnn.core.memories[0].read_entries + 1  # R E + 1 rows: the reads and the LRU row
     keys = {"memory": (batch, cells, width), "visible_memory": (batch, visible, width),
             "read_weights": (batch, cells), "write_weights": (batch, cells), "read_vectors": (batch, heads, width),
@@ -199,9 +200,10 @@ def test_sparse_memory_dict_keys_agree_with_each_other(kind):
     rnn = small(kind, num_layers=1)
     _, (_, memory, reads) = rnn(torch.randn(4, 6, 9))
     rows = memory["read_positions"]  # [B, R E + 1]
-    torch.testing.assert_close(memory["visible_memory"], memory["memory"].gather(1, rows.unsqueeze(-1).expand(-1, -1, 5)))
-    assert torch.equal(memory["least_used_mem"][:, 0], memory["usage"].argmin(1)) and torch.equal(rows[:, -1:],
-                                                                                                  memory["least_used_mem"])
+    visible = memory["memory"].gather(1, rows.unsqueeze(-1).expand(-1, -1, 5))  # [B, R E + 1, W]
+    torch.testing.assert_close(memory["visible_memory"], visible)
+    assert torch.equal(memory["least_used_mem"][:, 0], memory["usage"].argmin(1))
+    assert torch.equal(rows[:, -1:], memory["least_used_mem"])
     torch.testing.assert_close(memory["read_vectors"].reshape(4, -1), reads)
     # The [B, N] read weights are each head's weights of the rows read, summed over the heads.
     heads = memory["head_read_weights"]  # [B, R, E]

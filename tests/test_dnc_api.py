@@ -318,7 +318,8 @@ def test_batch_size_one(kind):
     x = torch.randn(1, T, D)
     output, state = model(x)
     assert output.shape == (1, T, D) and torch.isfinite(output).all()
-    assert [t.shape for t in state_tensors(state)] == [t.shape for t in state_tensors(published_initial_state(model, 1))]
+    initial = published_initial_state(model, 1)
+    assert [t.shape for t in state_tensors(state)] == [t.shape for t in state_tensors(initial)]
     again, _ = model(x)
     assert torch.equal(again, output)
     if kind == "DNC":

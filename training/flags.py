@@ -152,8 +152,8 @@ def add_lm_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save", default=None, metavar="PATH",
                        help="also write the best model to this checkpoint file")
     group.add_argument("--onnx-export", "--onnx_export", dest="onnx_export", default="", metavar="PATH",
-                       help="at the end, export the best model to this ONNX file (needs `pip install onnx onnxscript`): "
-                            "tokens [bptt, 1] -> log-probabilities [bptt, 1, V] from a fresh state")
+                       help="at the end, export the best model to this ONNX file (needs `pip install onnx "
+                            "onnxscript`): tokens [bptt, 1] -> log-probabilities [bptt, 1, V] from a fresh state")
 
 
 def lm_parser(description: str | None) -> argparse.ArgumentParser:
@@ -331,7 +331,7 @@ def check_lm_args(args: argparse.Namespace) -> None:
              non_negative=("epochs", "save_interval", "alpha", "beta", "nonmono"))
     if getattr(args, "onnx_export", ""):
         try:
-            import onnx  # noqa: F401
+            import onnx  # noqa: F401 (only whether it is installed)
         except ImportError:
             raise UserInputError("--onnx-export needs the onnx package: pip install onnx onnxscript") from None
 

@@ -41,6 +41,7 @@ from models.dnc.sparse_temporal_memory import SparseTemporalMemory
 
 MemoryState = dict[str, Tensor]
 
+DENSE_KEYS = ("memory", "link_matrix", "precedence", "read_weights", "write_weights", "usage_vector")
 DENSE_SINGLETONS = ("link_matrix", "precedence", "write_weights")  # 1.1.0 keeps a dimension of 1 at dim 1
 LAYER_READS = "layer_read_vectors"
 
@@ -72,7 +73,7 @@ def from_published(memory: nn.Module, public: MemoryState) -> MemoryState:
     if isinstance(memory, SparseMemory):
         return _sparse_from_published(memory, public)
     if isinstance(memory, DenseMemory):
-        state = {key: value for key, value in public.items() if key != LAYER_READS}
+        state = {key: value for key, value in public.items() if key in DENSE_KEYS}
         for key in DENSE_SINGLETONS:
             value = state.get(key)
             if value is not None and value.dim() == (4 if key == "link_matrix" else 3):

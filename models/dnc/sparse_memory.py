@@ -455,10 +455,11 @@ class SparseMemory(nn.Module):
             step=state["step"],
             read_positions=state["read_positions"],
             read_weights=state["read_weights"],
-            write_positions=state.get("write_positions",
-                                      torch.zeros(batch, self._written_rows(), dtype=torch.long,
-                                                  device=memory.offsets.device)),
-            write_weights=state.get("write_weights", state["read_weights"].new_zeros(batch, self._written_rows())),
+            # The latest write, as `initial_state` makes it when the state has none (a state from before it was kept).
+            write_positions=(state["write_positions"] if "write_positions" in state else
+                             torch.zeros(batch, self._written_rows(), dtype=torch.long, device=memory.offsets.device)),
+            write_weights=(state["write_weights"] if "write_weights" in state else
+                           state["read_weights"].new_zeros(batch, self._written_rows())),
             least_used=torch.zeros(batch, dtype=torch.long, device=memory.offsets.device),
         )
 
