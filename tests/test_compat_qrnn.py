@@ -80,10 +80,11 @@ def test_forget_mult_module_as_the_readme_calls_it():
 
 
 def test_forget_mult_is_a_module_importable_where_torchqrnn_has_it():
+    import models
     from models.ops.forget_mult import ForgetMult as beside_the_function
     from models.qrnn import ForgetMult
 
-    assert ForgetMult is beside_the_function and issubclass(ForgetMult, torch.nn.Module)
+    assert ForgetMult is beside_the_function is models.ForgetMult and issubclass(ForgetMult, torch.nn.Module)
     with pytest.raises(ValueError):
         ForgetMult()(torch.rand(3, 2, 4), torch.rand(3, 2, 5))  # mismatched shapes are named, not broadcast
 

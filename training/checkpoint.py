@@ -44,7 +44,8 @@ READABLE_FORMATS = (1, 2)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # On --resume, these flags take this invocation's values, typed or default ...
-PER_INVOCATION = {"resume", "max_steps", "dry_run", "device", "cuda", "threads", "dist_timeout", "compile"}
+PER_INVOCATION = {"resume", "max_steps", "dry_run", "device", "cuda", "threads", "dist_timeout", "compile",
+                  "onnx_export"}
 # ... these keep the checkpoint's values unless typed again; any other typed flag must match the checkpoint.
 RESUME_OVERRIDABLE = {"epochs", "iterations", "log_interval", "save_interval", "check_freq", "data", "max_nonfinite",
                       "visdom", "visdom_server", "visdom_port", "visdom_env"}
