@@ -6,6 +6,7 @@
 import generate_rmc
 import training
 
+build_parser = generate_rmc.build_parser
 main = generate_rmc.main
 
 if __name__ == "__main__":

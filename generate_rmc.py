@@ -2,6 +2,11 @@
 
     python generate_rmc.py --checkpoint runs/train_rnn-20261121-101500 --words 200 --temperature 0.8
     python generate_rmc.py --checkpoint best.pt --prompt "the company said"
+    python generate.py --data data/penn --checkpoint PTB.pt          # AWD-LSTM's generate.py spelling
+
+The original scripts' `--data` (the corpus the model was trained on: here the vocabulary comes with the
+checkpoint, and a given --data is checked against it), `--model` (unused there and here: the checkpoint
+holds the model) and `--log-interval` (a progress line on stderr every that many words) are accepted.
 
 A run folder means its best.pt (or checkpoint.pt when no epoch has finished). `<eos>`
 is printed as a line break. Works with full and adaptive softmax heads.
@@ -14,7 +19,7 @@ from pathlib import Path
 import torch
 
 import training
-from data import EOS, Dictionary
+from data import EOS, Corpus, Dictionary
 from errors import UserInputError
 
 
@@ -28,13 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--outf", default=None, help="also write the text to this file")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cuda", action="store_true", help="use CUDA (same as --device cuda)")
+    parser.add_argument("--data", default=None,
+                        help="the corpus folder the model was trained on: its vocabulary must be the checkpoint's "
+                             "(default: not checked; the vocabulary comes with the checkpoint)")
+    parser.add_argument("--model", default=None, help="accepted for the original scripts; the checkpoint decides")
+    parser.add_argument("--log-interval", "--log_interval", dest="log_interval", type=int, default=100,
+                        help="a progress line on stderr every this many generated words")
     return parser
 
 
 @torch.no_grad()
 def generate(model, dictionary: Dictionary, words: int, temperature: float, prompt: list[str],
-             generator: torch.Generator, device: torch.device) -> list[str]:
-    """Prompt words followed by `words` sampled words."""
+             generator: torch.Generator, device: torch.device, log_interval: int = 0) -> list[str]:
+    """Prompt words followed by `words` sampled words (a progress line on stderr every `log_interval`)."""
     state = model.initial_state(1, device)
     if prompt:
         tokens = dictionary.encode(prompt).to(device).view(-1, 1)  # [T, 1]
@@ -43,7 +54,9 @@ def generate(model, dictionary: Dictionary, words: int, temperature: float, prom
         prompt = dictionary.decode(tokens.view(-1))
     features, state = model(tokens, state)
     out = list(prompt)
-    for _ in range(words):
+    for index in range(words):
+        if log_interval and index % log_interval == 0:
+            print(f"| generated {index}/{words} words", file=sys.stderr)
         log_probs = model.log_probs(features[-1, 0]) / temperature  # [V]
         word = torch.multinomial(log_probs.softmax(-1).cpu(), 1, generator=generator)
         out.append(dictionary.idx2word[int(word)])
@@ -73,13 +86,21 @@ def main(argv: list[str] | None = None) -> str:
     if args.outf and not Path(args.outf).parent.is_dir():
         raise UserInputError(f"--outf {args.outf}: the folder {Path(args.outf).parent} does not exist; create it "
                              f"or choose another path")
+    if args.log_interval < 0:
+        raise UserInputError(f"--log-interval must be at least 0 (0: no progress lines), got {args.log_interval}")
     device = training.resolve_device(args)
     model, checkpoint = training.load_checkpoint(training.best_checkpoint(args.checkpoint), device,
                                                  kind="LanguageModel")
+    note = training.check_model_flag(checkpoint, args.model)
+    if note:
+        print(note, file=sys.stderr)
+    if args.data is not None:
+        training.check_vocabulary(checkpoint, Corpus(args.data), args.data)
     dictionary = Dictionary(checkpoint["vocab"])
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    words = generate(model, dictionary, args.words, args.temperature, args.prompt.split(), generator, device)
+    words = generate(model, dictionary, args.words, args.temperature, args.prompt.split(), generator, device,
+                     args.log_interval)
     text = to_text(words)
     print(text)
     if args.outf:

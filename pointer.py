@@ -13,6 +13,8 @@ Treebank with --lambdasm 0.1 --theta 1.0 --window 500, given on the command line
 
     python pointer.py --checkpoint runs/main-... --data data/penn --lambdasm 0.1 --theta 1.0 --window 500 --bptt 5000
     python pointer.py --save WT2.pt --data data/wikitext-2 --lambdasm 0.1279 --theta 0.662 --window 3785 --bptt 2000
+
+`--model` (the reference's type of network) is accepted; the checkpoint holds the model and decides.
 """
 
 import argparse
@@ -45,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cuda", action="store_true", help="use CUDA (same as --device cuda)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--model", default=None, help="accepted for the reference's commands; the checkpoint decides")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="smoke test: the first two --bptt windows of each split only")
     return parser
 
 
@@ -80,12 +85,18 @@ def main(argv: list[str] | None = None) -> dict:
     device = training.resolve_device(args)
     model, checkpoint = training.load_checkpoint(training.best_checkpoint(args.checkpoint), device,
                                                  kind="LanguageModel")
+    note = training.check_model_flag(checkpoint, args.model)
+    if note:
+        print(note)
     corpus = Corpus(args.data)
     training.check_vocabulary(checkpoint, corpus, args.data)
     results = {}
     for split in args.splits:
         started = time.perf_counter()
-        hidden, targets, log_probs = forward_split(model, getattr(corpus, split), args.bptt, device)
+        tokens = getattr(corpus, split)
+        if args.dry_run:
+            tokens = tokens[:2 * args.bptt + 1]
+        hidden, targets, log_probs = forward_split(model, tokens, args.bptt, device)
         forward_seconds = time.perf_counter() - started
         started = time.perf_counter()
         mixed = cache_pointer(hidden, targets, log_probs, args.window, args.theta, args.lambdasm)

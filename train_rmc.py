@@ -23,9 +23,9 @@ import training
 def build_parser() -> argparse.ArgumentParser:
     parser = training.lm_parser(__doc__)
     parser.set_defaults(
-        model="RMC", emsize=192, mem_slots=1, head_size=192, num_heads=4, num_blocks=1, attention_mlp_layers=3,
-        key_size=64, forget_bias=1.0, input_bias=0.0, gate_style="unit", dropout=0.5, tied=True,
-        optimizer="adam", lr=0.001, clip=0.1, lr_decay=0.5, patience=5, plateau_threshold=1e-4,
+        data="data/wikitext-2", model="RMC", emsize=192, mem_slots=1, head_size=192, num_heads=4, num_blocks=1,
+        attention_mlp_layers=3, key_size=64, forget_bias=1.0, input_bias=0.0, gate_style="unit", dropout=0.5,
+        tied=True, optimizer="adam", lr=0.001, clip=0.1, lr_decay=0.5, patience=5, plateau_threshold=1e-4,
         batch_size=64, eval_batch_size=32, bptt=100, epochs=100, log_interval=100,
         adaptive_projection="emsize", dropout_after_projection=True,
     )

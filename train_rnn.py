@@ -18,7 +18,7 @@ import training
 def build_parser() -> argparse.ArgumentParser:
     parser = training.lm_parser(__doc__)
     parser.set_defaults(
-        model="LSTM", emsize=300, nhid=300, nlayers=1, dropout=0.5, tied=True,
+        data="data/wikitext-2", model="LSTM", emsize=300, nhid=300, nlayers=1, dropout=0.5, tied=True,
         optimizer="adam", lr=0.001, clip=0.1, lr_decay=0.5, patience=5, plateau_threshold=1e-4,
         batch_size=64, eval_batch_size=32, bptt=100, epochs=100, log_interval=100, adaptive_projection="core",
     )

@@ -7,7 +7,7 @@ from models.core import CORES, Core, State, build_core, detach_state, get_core_c
 from models.lm import LanguageModel, LMConfig, add_lm_args, lm_config_from_args
 from models.rnn import GRU, LSTM, GRUState, LSTMState, RNNConfig
 from models.awd import AWDConfig, AWDStack
-from models.qrnn import QRNN, QRNNConfig, QRNNCore, QRNNLayer, QRNNState
+from models.qrnn import QRNN, ForgetMult, QRNNConfig, QRNNCore, QRNNLayer, QRNNState
 from models.relational_memory import RMCConfig, RMCCore, RelationalMemory
 from models.rnnlib import RNNLibConfig, RNNLibCore
 from models.dnc import DNC, SAM, SDNC, DNCConfig, DNCCore, SAMConfig, SAMCore, SDNCConfig, SDNCCore
@@ -21,7 +21,7 @@ __all__ = [
     "CORES", "Core", "State", "build_core", "detach_state", "get_core_class", "register_core",
     "LanguageModel", "LMConfig", "add_lm_args", "lm_config_from_args",
     "GRU", "LSTM", "GRUState", "LSTMState", "RNNConfig", "AWDConfig", "AWDStack", "MODEL_CLASSES",
-    "QRNN", "QRNNConfig", "QRNNCore", "QRNNLayer", "QRNNState", "RMCConfig", "RMCCore", "RelationalMemory",
+    "ForgetMult", "QRNN", "QRNNConfig", "QRNNCore", "QRNNLayer", "QRNNState", "RMCConfig", "RMCCore", "RelationalMemory",
     "RNNLibConfig", "RNNLibCore",
     "DNC", "SAM", "SDNC", "DNCConfig", "DNCCore", "SAMConfig", "SAMCore", "SDNCConfig", "SDNCCore",
     "SequenceModel", "TaskModel", "TaskModelConfig",

@@ -18,6 +18,9 @@ Three layers of API, thinnest last:
   with `save_prev_x` keeping the last inputs on the layer until `reset()`.
 - `QRNNCore`: the repository's core contract, `y, QRNNState(h, prev_x) = core(x, state)`.
 
+torchqrnn's imports map to this module: `from torchqrnn import QRNN, QRNNLayer, ForgetMult` becomes
+`from models.qrnn import QRNN, QRNNLayer, ForgetMult` (ForgetMult lives in models/ops/forget_mult.py).
+
 Beyond the reference: windows larger than 2, `batch_first`, `bias=False`, a bidirectional QRNN
 (the backward direction runs ForgetMult in reverse, its window looking at later inputs), and
 variable-length batches (`lengths` or a `PackedSequence`): padded steps get f = 0, so the state
@@ -39,7 +42,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from models.core import add_argument_once, add_stack_args, Core, register_core, stack_dropout
-from models.ops.forget_mult import forget_mult
+from models.ops.forget_mult import ForgetMult, forget_mult  # noqa: F401 (ForgetMult: torchqrnn's import path)
 
 
 class QRNNState(NamedTuple):
@@ -281,6 +284,7 @@ class QRNN(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         directions = 2 if bidirectional else 1
         if layers:
+            layer_kwargs.pop("use_cuda", None)  # ignored everywhere (the tensors' device decides), as torchqrnn allows
             if layer_kwargs:
                 raise ValueError(f"layer options {sorted(layer_kwargs)} apply only when QRNN builds its layers; "
                                  "set them on the given layers")

@@ -434,19 +434,147 @@ class RMCCore(Core):
         )
 
 
-class RelationalMemory(RMCCore):
-    """The constructor users of the L0SG port call, as a thin layer that builds an `RMCConfig`.
+class RelationalMemory(nn.Module):
+    """The L0SG port's `RelationalMemory` (relational_rnn_general.py): its constructor, attributes and call,
+    over an `RMCCore` (`self.core`, the module every script uses) whose parameters it shares.
 
-    Unlike the port, the call follows the core contract (time-major unless `batch_first=True`,
-    `y, RMCState(memory) = rmc(x, state)`, no detaching inside) and the MLP layers are distinct.
+        rmc = RelationalMemory(mem_slots, head_size, input_size, num_heads=1, num_blocks=1, forget_bias=1.,
+                               input_bias=0., gate_style='unit', attention_mlp_layers=2, key_size=None,
+                               return_all_outputs=False)
+        memory = rmc.initial_state(batch_size)          # [B, N, d], the identity padded or truncated
+        output, memory = rmc(inputs, memory)            # inputs [B, T, ...] batch first, each step flattened
+
+    `output` is the last step's flattened memory [B, N * d], or with `return_all_outputs` every step's,
+    concatenated along the first axis as the port does: [T * B, N * d], step-major (`.view(T, B, -1)`
+    gives the steps). Like the port, `forward` detaches the memory it is given (truncated BPTT at each
+    call). The maths is Sonnet's, as in `RMCCore`, where the port differs: one LayerNorm per row (the
+    port normalises over all rows and features at once), distinct MLP layers with no ReLU after the
+    last (the port repeats one layer and ends with a ReLU), qkv and LayerNorm parameters per block
+    (the port shares them across blocks), and constant gate biases unless `trainable_biases=True` (the
+    port learns them). `options` are the other `RMCConfig` fields (implementation, trainable_biases, ...).
     """
 
     def __init__(self, mem_slots: int, head_size: int, input_size: int, num_heads: int = 1, num_blocks: int = 1,
                  forget_bias: float = 1.0, input_bias: float = 0.0, gate_style: str | None = "unit",
-                 attention_mlp_layers: int = 2, key_size: int | None = None, **options):
-        """`options` are the other `RMCConfig` fields (batch_first, implementation, ...)."""
-        super().__init__(RMCConfig(
+                 attention_mlp_layers: int = 2, key_size: int | None = None, return_all_outputs: bool = False,
+                 **options):
+        super().__init__()
+        if options.get("batch_first") or options.get("treat_input_as_matrix"):
+            raise ValueError("RelationalMemory takes the port's batch-first call; for batch_first or "
+                             "treat_input_as_matrix build RMCCore(RMCConfig(...)) instead")
+        self.core = RMCCore(RMCConfig(
             input_size=input_size, mem_slots=mem_slots, head_size=head_size, num_heads=num_heads,
             num_blocks=num_blocks, forget_bias=forget_bias, input_bias=input_bias, gate_style=gate_style,
             attention_mlp_layers=attention_mlp_layers, key_size=key_size, **options,
         ))
+        config = self.core.config
+        # The port's attribute names for the sizes.
+        self.mem_slots, self.head_size, self.num_heads = mem_slots, head_size, num_heads
+        self.mem_size = config.mem_size
+        self.mem_slots_plus_input = mem_slots + 1
+        self.num_blocks, self.gate_style, self.attention_mlp_layers = num_blocks, gate_style, attention_mlp_layers
+        self.key_size = config.resolved_key_size
+        self.value_size = head_size
+        self.qkv_size = 2 * self.key_size + self.value_size
+        self.total_qkv_size = self.qkv_size * num_heads
+        self.input_size = input_size
+        self.num_gates = 2 * config.gate_size
+        self.return_all_outputs = return_all_outputs
+
+    # The port's parameter names, as views of the core's modules (the first block's where the port has one set).
+    @property
+    def input_projector(self) -> nn.Linear:
+        return self.core.input_projector
+
+    @property
+    def input_gate_projector(self) -> nn.Linear | None:
+        return self.core.input_gate_projector
+
+    @property
+    def memory_gate_projector(self) -> nn.Linear | None:
+        return self.core.memory_gate_projector
+
+    @property
+    def attention_mlp(self) -> nn.ModuleList:
+        return self.core.mlp
+
+    @property
+    def qkv_projector(self) -> nn.Linear:
+        return self.core.blocks[0].qkv
+
+    @property
+    def qkv_layernorm(self) -> nn.LayerNorm:
+        return self.core.blocks[0].qkv_norm
+
+    @property
+    def attended_memory_layernorm(self) -> nn.LayerNorm:
+        return self.core.blocks[0].attention_norm
+
+    @property
+    def attended_memory_layernorm2(self) -> nn.LayerNorm:
+        return self.core.blocks[0].mlp_norm
+
+    @property
+    def forget_bias(self) -> torch.Tensor | float:
+        return self.core.forget_bias
+
+    @property
+    def input_bias(self) -> torch.Tensor | float:
+        return self.core.input_bias
+
+    @property
+    def state_size(self) -> list[int]:
+        return [self.mem_slots, self.mem_size]
+
+    @property
+    def output_size(self) -> int:
+        return self.mem_slots * self.mem_size
+
+    def calculate_gate_size(self) -> int:
+        """G: d per unit, 1 per memory row, 0 without gates."""
+        return self.core.config.gate_size
+
+    def repackage_hidden(self, h: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        """The port's detach helper: a tensor, or nested tuples of tensors, cut from their history."""
+        if isinstance(h, torch.Tensor):
+            return h.detach()
+        return tuple(self.repackage_hidden(v) for v in h)
+
+    def initial_state(self, batch_size: int, trainable: bool = False) -> torch.Tensor:
+        """The identity memory [B, N, d] on the module's device (`trainable` is ignored, as in the port)."""
+        return self.core.initial_state(batch_size).memory
+
+    def _check_memory(self, inputs: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        if memory is None:
+            return self.initial_state(inputs.size(0)).to(inputs.device)
+        expected = (inputs.size(0), self.mem_slots, self.mem_size)
+        if not isinstance(memory, torch.Tensor) or tuple(memory.shape) != expected:
+            shape = list(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
+            raise ValueError(f"memory must be a tensor {list(expected)} (batch, mem_slots, mem_size), got {shape}; "
+                             f"make it with rmc.initial_state(batch_size)")
+        return memory
+
+    def forward_step(self, inputs: torch.Tensor, memory: torch.Tensor,
+                     treat_input_as_matrix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: inputs [B, ...] (flattened to [B, input_size]), memory [B, N, d] ->
+        (output [B, N * d], next memory [B, N, d]). Matrix inputs need RMCCore's treat_input_as_matrix."""
+        if treat_input_as_matrix:
+            raise ValueError("treat_input_as_matrix: build RMCCore(RMCConfig(treat_input_as_matrix=True, "
+                             "input_rows=R, ...)), whose gates read all R rows")
+        memory = self._check_memory(inputs, memory)
+        output, state = self.core(inputs.reshape(1, inputs.size(0), -1), RMCState(memory))  # [B, ...] -> [1, B, D]
+        return output[0], state.memory
+
+    def forward(self, inputs: torch.Tensor, memory: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The port's call: inputs [B, T, ...] (each step flattened to input_size), memory [B, N, d] (None: the
+        initial memory) -> (output, memory [B, N, d]); output [B, N * d] for the last step, or [T * B, N * d]
+        for all steps with `return_all_outputs` (see the class docstring)."""
+        if inputs.dim() < 3:
+            raise ValueError(f"inputs must be [B, T, input_size] (batch first, as in the port), "
+                             f"got {list(inputs.shape)}")
+        memory = self.repackage_hidden(self._check_memory(inputs, memory))  # the port detaches here
+        steps = inputs.reshape(inputs.size(0), inputs.size(1), -1).transpose(0, 1)  # [B, T, ...] -> [T, B, D]
+        output, state = self.core(steps, RMCState(memory))  # [T, B, N * d]
+        if self.return_all_outputs:
+            return output.reshape(-1, output.size(-1)), state.memory  # [T, B, N * d] -> [T * B, N * d]
+        return output[-1], state.memory

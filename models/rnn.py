@@ -169,6 +169,9 @@ class _StackedRNN(Core):
             group, "--rnn-impl", "--rnn_impl", dest="rnn_impl", choices=IMPLEMENTATIONS, default="fused",
             help="fused: nn.LSTM/nn.GRU (cuDNN on GPU); loop: explicit per-step cell, same weights",
         )
+        # The seed project's train_rnn.py: --cudnn picks nn.LSTM over its default per-step cell loop.
+        add_argument_once(group, "--cudnn", dest="rnn_impl", action="store_const", const="fused",
+                          help="the fused implementation (the same as --rnn-impl fused, the default here)")
 
     @classmethod
     def config_from_args(cls, args: argparse.Namespace, input_size: int) -> RNNConfig:

@@ -189,16 +189,19 @@ def test_config_errors_name_the_bad_value(field, value):
 
 
 def test_relational_memory_constructor_of_the_port():
+    """The port's constructor builds an RMCCore with Sonnet's maths (tests/test_compat_rmc.py: its call)."""
     torch.manual_seed(0)
-    rmc = RelationalMemory(mem_slots=2, head_size=4, input_size=D, num_heads=2, key_size=3, batch_first=True)
-    assert isinstance(rmc, RMCCore) and rmc.config.attention_mlp_layers == 2 and rmc.output_size == 16
+    rmc = RelationalMemory(mem_slots=2, head_size=4, input_size=D, num_heads=2, key_size=3,
+                           implementation="reference")
+    assert isinstance(rmc.core, RMCCore) and rmc.core.config.attention_mlp_layers == 2 and rmc.output_size == 16
+    assert rmc.core.config.implementation == "reference" and rmc.core.config.key_size == 3
     x = torch.randn(B, T, D)
-    output, state = rmc(x)
-    core = RMCCore.from_config(rmc.config)
-    core.load_state_dict(rmc.state_dict())
-    expected, _ = core(x)
-    assert output.shape == (B, T, 16)
-    torch.testing.assert_close(output, expected)
+    output, memory = rmc(x, rmc.initial_state(B))
+    core = RMCCore.from_config(rmc.core.config)
+    core.load_state_dict(rmc.core.state_dict())
+    expected, state = core(x.transpose(0, 1))  # [B, T, D] -> [T, B, D]
+    torch.testing.assert_close(output, expected[-1])
+    torch.testing.assert_close(memory, state.memory)
 
 
 @pytest.mark.parametrize("implementation", ["reference", "fast"])

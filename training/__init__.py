@@ -14,8 +14,8 @@ A script is a parser with its paper's defaults and a call to `run_language_model
 """
 
 from errors import TrainingError, UserInputError
-from training.checkpoint import (CHECKPOINT_FORMAT, best_checkpoint, load_checkpoint, read_checkpoint,
-                                 save_checkpoint)
+from training.checkpoint import (CHECKPOINT_FORMAT, best_checkpoint, check_model_flag, load_checkpoint,
+                                 read_checkpoint, save_checkpoint)
 from training.flags import (Flags, check_lm_args, check_task_args, cli, default_generalisation_lengths, lm_parser,
                             parse_args, parse_sequence_args, public_args, resolve_device, sequence_task_parser,
                             task_parser)
@@ -27,6 +27,7 @@ from training.tasks import SequenceTaskTrainer, TaskOptions, TaskTrainer, run_se
 __all__ = [
     "CHECKPOINT_FORMAT", "Flags", "LMOptions", "LMTrainer", "LoopOptions", "Run", "SequenceTaskTrainer", "StopSignals",
     "TaskOptions", "TaskTrainer", "Trainer", "TrainingError", "UserInputError", "best_checkpoint", "check_lm_args",
+    "check_model_flag",
     "check_task_args", "check_vocabulary", "cli", "default_generalisation_lengths", "evaluate", "lm_parser",
     "load_checkpoint", "parse_args", "parse_sequence_args", "perplexity", "public_args", "read_checkpoint",
     "resolve_device", "run_language_model", "run_sequence_task", "run_task", "save_checkpoint", "seed_everything",

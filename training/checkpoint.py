@@ -58,7 +58,8 @@ RESUMABLE, PREVIOUS = "checkpoint.pt", "checkpoint.previous.pt"  # the newest re
 STALE_TEMPORARY = re.compile(r"^\.(checkpoint|best)\.(pt\.[A-Za-z0-9_]+|json)\.tmp$")
 
 # On --resume, these flags take this invocation's values, typed or default ...
-PER_INVOCATION = {"resume", "max_steps", "dry_run", "device", "cuda", "threads", "dist_timeout", "compile"}
+PER_INVOCATION = {"resume", "max_steps", "dry_run", "device", "cuda", "threads", "dist_timeout", "compile",
+                  "onnx_export"}
 # ... these keep the checkpoint's values unless typed again; any other typed flag must match the checkpoint.
 RESUME_OVERRIDABLE = {"epochs", "iterations", "log_interval", "save_interval", "check_freq", "data", "max_nonfinite",
                       "visdom", "visdom_server", "visdom_port", "visdom_env"}
@@ -358,6 +359,15 @@ def load_checkpoint(
             f"it was written by another version of the code or edited"
         ) from None
     return model.to(device).eval(), checkpoint
+
+
+def check_model_flag(checkpoint: dict, model: str | None) -> str | None:
+    """The original scripts' `--model` beside a checkpoint (generate.py, pointer.py): there the loaded model
+    decides and the flag was unused; a note when it names another core than the checkpoint's run, else None."""
+    trained = checkpoint.get("args", {}).get("model")
+    if model is None or trained is None or str(model).upper() == str(trained).upper():
+        return None
+    return f"note: --model {model} ignored: {checkpoint.get('path', 'the checkpoint')} holds a {trained} model"
 
 
 def best_checkpoint(path: str | os.PathLike) -> Path:

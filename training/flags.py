@@ -155,6 +155,9 @@ def add_lm_training_args(parser: argparse.ArgumentParser) -> None:
                        help="epochs after which the learning rate is divided by 10")
     group.add_argument("--save", default=None, metavar="PATH",
                        help="also write the best model to this checkpoint file")
+    group.add_argument("--onnx-export", "--onnx_export", dest="onnx_export", default="", metavar="PATH",
+                       help="at the end, export the best model to this ONNX file (needs `pip install onnx "
+                            "onnxscript`): tokens [bptt, 1] -> log-probabilities [bptt, 1, V] from a fresh state")
 
 
 def lm_parser(description: str | None) -> argparse.ArgumentParser:
@@ -333,6 +336,11 @@ def check_lm_args(args: argparse.Namespace) -> None:
     if getattr(args, "save", None) and not Path(args.save).parent.is_dir():
         raise UserInputError(f"--save {args.save}: the folder {Path(args.save).parent} does not exist; create it "
                              f"or choose another path")
+    if getattr(args, "onnx_export", ""):
+        try:
+            import onnx  # noqa: F401 (only whether it is installed)
+        except ImportError:
+            raise UserInputError("--onnx-export needs the onnx package: pip install onnx onnxscript") from None
 
 
 # The flags of the output layers that split the vocabulary at --cutoffs (dest: as typed); a head that also

@@ -454,4 +454,37 @@ def _train_language_model(args: argparse.Namespace, script: str, config_fn: Conf
             run.print(f"| fine-tuning {finetune_from} with averaged SGD from valid ppl {perplexity(start_loss):.2f}")
             run.log("valid", epoch=0, step=0, loss=start_loss, ppl=perplexity(start_loss), asgd=False)
         announce(trainer, checkpoint, f"{model.config.core} language model, vocabulary {len(corpus.dictionary):,}")
-    return {"run_dir": str(run.path), **trainer.fit()}
+    results = {"run_dir": str(run.path), **trainer.fit()}
+    if getattr(args, "onnx_export", "") and run.main:
+        best = run.path / "best.pt"
+        exported = load_checkpoint(best, device)[0] if best.exists() else model
+        export_onnx(exported, args.onnx_export, args.bptt, device)
+        run.print(f"| exported the best model to {args.onnx_export} (ONNX)")
+    return results
+
+
+class LogProbabilities(torch.nn.Module):
+    """A language model as one function of the tokens, for export: tokens [T, B] -> log-probabilities
+    [T, B, V] from a fresh state."""
+
+    def __init__(self, model: models.LanguageModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        features, _ = self.model(tokens)
+        return self.model.log_probs(features)
+
+
+def export_onnx(model: models.LanguageModel, path: str, steps: int, device: torch.device) -> None:
+    """`--onnx-export` (the seed project's train_rmc.py / train_rnn.py): the model in ONNX, traced on
+    tokens [steps, 1]. The seed exported (tokens, state) -> (logits, state); here the state starts fresh
+    inside, which every core supports."""
+    model.eval()
+    tokens = torch.zeros(steps, 1, dtype=torch.long, device=device)
+    try:
+        torch.onnx.export(LogProbabilities(model), (tokens,), path, input_names=["tokens"],
+                          output_names=["log_probs"])
+    except Exception as error:  # the exporter's own errors name the operation it could not convert
+        raise UserInputError(f"--onnx-export {path}: the {model.config.core} model could not be exported "
+                             f"({type(error).__name__}: {error})") from None

@@ -7,7 +7,7 @@
 Importing this package registers the cores "DNC", "SAM" and "SDNC" (`--model` in every script).
 Modules: `memory` (DenseMemory), `sparse_memory` (SparseMemory), `sparse_temporal_memory`
 (SparseTemporalMemory), `search` (nearest-neighbour search), `dnc` (the controller, the published
-classes and the cores), `visualize` (heatmaps).
+classes and the cores), `published` (the memory state in pytorch-dnc 1.1.0's form), `visualize` (heatmaps).
 """
 
 from models.dnc.dnc import (

@@ -36,12 +36,14 @@ recomputed, so keeping them costs no more memory than recomputing it. Smaller DN
 (which touch O(K) rows per step) do not checkpoint by default; `checkpoint_steps=k` forces
 segments of k steps, 0 turns checkpointing off.
 
-State: `DNCState(controller, memory, read_vectors)`, the published
-`(controller_hidden, memory_hidden, read_vectors)` tuple, tensors only:
+State of the cores: `DNCState(controller, memory, read_vectors)`, tensors only:
 - controller: a list with one entry per layer, `(h, c)` for LSTM or `h` for GRU / RNN, each
   [num_hidden_layers, B, H];
 - memory: the memory's state dict (shared memory), or a list of dicts, one per layer;
 - read_vectors: [L, B, R * W], each layer's latest read vectors ([B, R * W] is accepted for L = 1).
+The published classes (`DNC`, `SAM`, `SDNC`) show it to their users as pytorch-dnc 1.1.0 did, the
+`(controller_hidden, memory_hidden, read_vectors)` tuple with 1.1.0's memory keys and shapes and the
+last layer's read vectors [B, R * W] (`published.py`), and take that form back.
 
 Shapes: `T` time steps, `B` batch, `D` input size, `H` controller hidden size, `L` layers,
 `R` read heads, `W` cell size, `N` memory cells, `O` output size (D unless set).
@@ -62,6 +64,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.utils.checkpoint import checkpoint
 
 from models.core import Core, add_argument_once, add_stack_args, register_core, stack_dropout
+from models.dnc import published
 from models.dnc.memory import DenseMemory
 from models.dnc.sparse_memory import SparseMemory
 from models.dnc.sparse_temporal_memory import SparseTemporalMemory
@@ -642,19 +645,25 @@ class _Published(nn.Module):
         pass_through_memory: bool = True,
         *,
         mask: torch.Tensor | None = None,
-    ) -> tuple[Any, DNCState] | tuple[Any, DNCState, dict[str, np.ndarray]]:
+    ) -> tuple[Any, tuple] | tuple[Any, tuple, dict[str, np.ndarray]]:
         """`output, (controller_hidden, memory_hidden, read_vectors)[, debug] = rnn(input, hx, ...)`.
 
         Args:
             input: [B, T, D] (batch_first) or [T, B, D], or a PackedSequence.
             hx: (controller_hidden, memory_hidden, read_vectors), parts None for zeros; or None.
+                read_vectors: [B, R * W], the last layer's, as returned (the other layers' come from the
+                memory dict's layer_read_vectors); [L, B, R * W] gives every layer's.
             reset_experience: reset the memory to its initial state first.
             pass_through_memory: False skips the memory (see `MemoryController.run`).
             mask: [B, T] (batch_first) or [T, B] bool, False at padded steps; not with a PackedSequence.
 
         Returns:
-            output in the input's layout ([B, T, input_size] with batch_first, a PackedSequence for one),
-            the new state, and with debug=True the dict of numpy arrays (rows: time step x layer).
+            output in the input's layout ([B, T, input_size] with batch_first, a PackedSequence for one);
+            the new state (controller_hidden, memory_hidden, read_vectors) as pytorch-dnc 1.1.0 returns it:
+            controller_hidden a list with one (h, c) or h per layer, each [num_hidden_layers, B, H];
+            memory_hidden a dict (a list of dicts, one per layer, without share_memory) with 1.1.0's keys
+            and shapes (models/dnc/published.py); read_vectors the last layer's [B, R * W], or None when
+            `pass_through_memory=False`; and with debug=True the dict of numpy arrays (rows: step x layer).
         """
         packed = isinstance(input, PackedSequence)
         if packed:
@@ -669,8 +678,10 @@ class _Published(nn.Module):
             x = input.transpose(0, 1) if self.batch_first else input  # [B, T, D] -> [T, B, D]
             if mask is not None and self.batch_first:
                 mask = mask.transpose(0, 1)  # [B, T] -> [T, B]
-        output, state, debug = self.core.run(x, hx, mask=mask, reset_experience=reset_experience,
+        output, state, debug = self.core.run(x, self._internal_state(hx, x.size(1)), mask=mask,
+                                             reset_experience=reset_experience,
                                              pass_through_memory=pass_through_memory, debug=self.debug)
+        state = self._published_state(state, pass_through_memory)
         if packed:
             order = input.sorted_indices if input.sorted_indices is not None else torch.arange(x.size(1))
             order = order.to(output.device)
@@ -682,6 +693,59 @@ class _Published(nn.Module):
         if self.debug:
             return output, state, debug
         return output, state
+
+    def _published_state(self, state: DNCState, pass_through_memory: bool) -> tuple:
+        """The core's state as 1.1.0 returns it: (controller_hidden, memory_hidden, last layer's reads or None)."""
+        core = self.core
+        reads = state.read_vectors  # [L, B, R * W]
+        if core.config.share_memory:
+            memory = published.to_published(core.memories[0], state.memory, reads.transpose(0, 1),  # [B, L, R * W]
+                                            keep_layer_reads=core.config.num_layers > 1)
+        else:
+            # Each layer's dict keeps its own layer's reads: [B, R * W] -> [B, 1, R * W].
+            memory = [published.to_published(module, part, layer_reads.unsqueeze(1), keep_layer_reads=True)
+                      for module, part, layer_reads in zip(core.memories, state.memory, reads)]
+        return state.controller, memory, (reads[-1] if pass_through_memory else None)
+
+    def _internal_state(self, hx: Any, batch_size: int) -> Any:
+        """A published (controller_hidden, memory_hidden, read_vectors) as the core's state.
+
+        The memory dicts go back to the memories' own form; [B, R * W] read vectors become the last
+        layer's, the other layers' coming from the memory's layer_read_vectors (zeros without them).
+        """
+        if hx is None:
+            return None
+        if not isinstance(hx, (tuple, list)) or len(hx) != 3:
+            raise ValueError("the hidden state must be (controller_hidden, memory_hidden, read_vectors), "
+                             "any part None for a fresh one")
+        controller, memory, reads = hx
+        core = self.core
+        layers = core.config.num_layers
+        stashes: list[torch.Tensor | None] = []
+        if memory is not None:
+            parts = [memory] if core.config.share_memory else memory
+            if not isinstance(parts, (list, tuple)) or len(parts) != len(core.memories) \
+                    or not all(isinstance(part, dict) for part in parts):
+                expected = "a dict" if core.config.share_memory else f"a list of {len(core.memories)} dicts"
+                raise ValueError(f"memory_hidden must be {expected} (share_memory={core.config.share_memory})")
+            stashes = [published.layer_reads_of(part) for part in parts]
+            internal = [published.from_published(module, part) for module, part in zip(core.memories, parts)]
+            memory = internal[0] if core.config.share_memory else internal
+        if isinstance(reads, torch.Tensor) and reads.dim() == 2:
+            expected = (batch_size, core.read_size)
+            if tuple(reads.shape) != expected:
+                raise ValueError(f"read_vectors must be {list(expected)} (batch, read_heads * cell_size: the last "
+                                 f"layer's, as returned), got {list(reads.shape)}")
+            every_layer = reads.new_zeros(layers, batch_size, core.read_size)
+            if len(stashes) == 1 and stashes[0] is not None and stashes[0].shape[:2] == (batch_size, layers):
+                every_layer = stashes[0].transpose(0, 1).clone()  # shared memory: [B, L, R * W] -> [L, B, R * W]
+            elif len(stashes) == layers > 1:
+                for layer, stash in enumerate(stashes):
+                    if stash is not None and stash.shape[:2] == (batch_size, 1):
+                        every_layer[layer] = stash[:, 0]
+            every_layer[-1] = reads
+            reads = every_layer
+        return controller, memory, reads
 
 
 class DNC(_Published):

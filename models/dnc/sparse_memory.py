@@ -340,6 +340,20 @@ def access_stamps(step: Tensor, write_positions: Tensor, row_weights: Tensor, re
     return positions, torch.where(accessed, now.unsqueeze(-1), NEVER), now
 
 
+def canonical_entries(positions: Tensor, weights: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Rows and weights [B, M] of a write as [B, size] (size >= M) in one form per write: each row's
+    first entry keeps its place and weight, every other entry (repeats, padding) becomes the first row
+    with weight 0. So the state is the same whatever the batch's other rows made M."""
+    first = is_first(first_occurrence(positions))
+    positions = torch.where(first, positions, positions[:, :1])
+    weights = torch.where(first, weights, 0)
+    missing = size - positions.size(1)
+    if missing:
+        positions = torch.cat([positions, positions[:, :1].expand(-1, missing)], dim=1)
+        weights = torch.cat([weights, weights.new_zeros(weights.size(0), missing)], dim=1)
+    return positions, weights
+
+
 def oneplus(x: Tensor) -> Tensor:
     """1 + softplus(x): the strengths' activation, in [1, inf)."""
     return 1 + F.softplus(x)
@@ -366,8 +380,8 @@ class SparseMemoryContext:
     step: Tensor  # [B] int32 steps taken
     read_positions: Tensor  # [B, R, E] int64
     read_weights: Tensor  # [B, R, E]
-    write_positions: Tensor  # [B, C'] int64, the latest step's (for debug_view)
-    write_weights: Tensor  # [B, C']
+    write_positions: Tensor  # [B, C] int64, the latest step's (`canonical_entries`)
+    write_weights: Tensor  # [B, C]
     least_used: Tensor  # [B] int64, the latest step's LRU row
 
 
@@ -488,6 +502,9 @@ class SparseMemory(nn.Module):
             "step": torch.zeros(batch_size, dtype=torch.int32, device=device),  # [B]
             "read_positions": self._initial_read_positions(batch_size, device),  # [B, R, E]
             "read_weights": torch.zeros(batch_size, heads, entries, device=device, dtype=dtype),  # [B, R, E]
+            # The latest step's write (not used by the next step; the published state shows it).
+            "write_positions": torch.zeros(batch_size, self._written_rows(), device=device, dtype=torch.long),
+            "write_weights": torch.zeros(batch_size, self._written_rows(), device=device, dtype=dtype),  # [B, C]
         }
 
     def _initial_read_positions(self, batch_size: int, device: torch.device | str | None) -> Tensor:
@@ -516,8 +533,11 @@ class SparseMemory(nn.Module):
             step=state["step"],
             read_positions=state["read_positions"],
             read_weights=state["read_weights"],
-            write_positions=torch.zeros(batch, self._written_rows(), dtype=torch.long, device=memory.offsets.device),
-            write_weights=state["read_weights"].new_zeros(batch, self._written_rows()),
+            # The latest write, as `initial_state` makes it when the state has none (a state from before it was kept).
+            write_positions=(state["write_positions"] if "write_positions" in state else
+                             torch.zeros(batch, self._written_rows(), dtype=torch.long, device=memory.offsets.device)),
+            write_weights=(state["write_weights"] if "write_weights" in state else
+                           state["read_weights"].new_zeros(batch, self._written_rows())),
             least_used=torch.zeros(batch, dtype=torch.long, device=memory.offsets.device),
         )
 
@@ -564,11 +584,13 @@ class SparseMemory(nn.Module):
         positions, weights, rows = self._read(ctx, interface)
         reads = torch.matmul(weights.unsqueeze(-2), rows).squeeze(-2)  # [B, R, 1, E] x [B, R, E, W] -> [B, R, W]
         self._update_usage(ctx, write_positions, row_weights, positions, weights, mask)
+        write_positions, write_weights = canonical_entries(write_positions, write_weights, self._written_rows())
         if mask is not None:
             keep = mask.view(batch, 1, 1)
             positions = torch.where(keep, positions, ctx.read_positions)
             weights = torch.where(keep, weights, ctx.read_weights)
-            write_weights = write_weights * mask.unsqueeze(-1)
+            write_positions = torch.where(mask.unsqueeze(-1), write_positions, ctx.write_positions)
+            write_weights = torch.where(mask.unsqueeze(-1), write_weights, ctx.write_weights)
         ctx.read_positions, ctx.read_weights = positions, weights
         ctx.write_positions, ctx.write_weights = write_positions, write_weights
         return reads.reshape(batch, self.read_size)  # [B, R, W] -> [B, R W]
@@ -628,7 +650,8 @@ class SparseMemory(nn.Module):
     def end(self, ctx: SparseMemoryContext) -> dict[str, Tensor]:
         """The state after the steps (a new dict; keys and shapes as `initial_state`)."""
         state = {"memory": ctx.memory.result(), "usage": ctx.usage, "step": ctx.step,
-                 "read_positions": ctx.read_positions, "read_weights": ctx.read_weights}
+                 "read_positions": ctx.read_positions, "read_weights": ctx.read_weights,
+                 "write_positions": ctx.write_positions, "write_weights": ctx.write_weights}
         ctx.memory.release()
         return state
 

@@ -20,6 +20,9 @@ Three implementations with one signature and one result (STYLE section 5):
   ten graph nodes per step and their backward; see bench/bench_forget_mult.py for the speed-up;
 - `forget_mult_triton` (models/ops/forget_mult_triton.py): Triton kernels for CUDA tensors.
 
+`ForgetMult` is torchqrnn's module form of the same recurrence (`output = ForgetMult()(f, x, hidden)`,
+returning only h), for code written against salesforce/pytorch-qrnn.
+
 `forget_mult` picks the Triton kernel for float16, bfloat16 and float32 CUDA tensors when Triton is
 installed, and `forget_mult_torch` otherwise (CPU, float64, or no Triton: then with a one-time warning).
 Triton is imported only when a CUDA tensor arrives, so this module imports without Triton or CUDA.
@@ -260,3 +263,25 @@ def forget_mult(
         if kernel is not None:
             return kernel(f, x, h0, reverse)
     return ForgetMultFunction.apply(f, x, h0, reverse)
+
+
+class ForgetMult(torch.nn.Module):
+    """torchqrnn's `ForgetMult` module: `h = ForgetMult()(f, x, hidden_init=None, use_cuda=True)`.
+
+    h_t = f_t * x_t + (1 - f_t) * h_{t-1} through `forget_mult` (the Triton kernel on CUDA, the
+    PyTorch path elsewhere). torchqrnn chose its CUDA kernel or a Python loop with `use_cuda`, and
+    asserted that the tensors were on the GPU when it asked for the kernel; here the tensors' device
+    decides, so `use_cuda` is accepted and ignored and CPU tensors work with its default.
+
+    Args (of `forward`):
+        f: [T, B, H] forget gates (the weight of the new value), usually in (0, 1).
+        x: [T, B, H] candidate values, same dtype and device as `f`.
+        hidden_init: [B, H] the state before the first step, or None for zeros.
+        use_cuda: accepted for torchqrnn's signature; ignored.
+
+    Returns:
+        h: [T, B, H] the state after each step (torchqrnn returns no separate final state: it is h[-1]).
+    """
+
+    def forward(self, f: Tensor, x: Tensor, hidden_init: Tensor | None = None, use_cuda: bool = True) -> Tensor:
+        return forget_mult(f, x, hidden_init)[0]
