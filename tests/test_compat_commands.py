@@ -85,7 +85,7 @@ def corpora(root: Path, rare_words: int = 0) -> None:
     """Tiny corpora under the names the commands use (the AWD character-level ones are words here too);
     `rare_words` more words, once each, in WikiText-2's training text (for adaptive-softmax cutoffs)."""
     for name in ("penn", "wikitext-2", "wikitext-103", "enwik8", "pennchar"):
-        write_corpus(root / "data" / name, {"train": 60, "valid": 8, "test": 8})
+        write_corpus(root / "data" / name, {"train": 60, "valid": 16, "test": 16})  # 32 evaluation columns
     if rare_words:
         train = root / "data" / "wikitext-2" / "train.txt"
         rare = [f"r{index}" for index in range(rare_words)]
