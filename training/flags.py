@@ -62,6 +62,20 @@ def public_args(args: argparse.Namespace) -> dict:
     return {key: value for key, value in vars(args).items() if not key.startswith("_")}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that keeps the description's line breaks and ends every option's help with its default
+    (after the script's `set_defaults`), unless the help already says "default:" (flags whose default
+    is a rule rather than a value). A help says what an unset flag means as "unset: ...", so that a
+    script giving the flag a value still shows it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default is argparse.SUPPRESS
+                or "default:" in text or "%(default)" in text):
+            return text
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
+
+
 # --------------------------------------------------------------------------- flag groups
 
 
@@ -120,7 +134,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval_batch_size", "--eval-batch-size", dest="eval_batch_size", type=int, default=10,
                        help="batch size for validation")
     group.add_argument("--test_batch_size", "--test-batch-size", dest="test_batch_size", type=int, default=None,
-                       help="batch size for the test set (default: --eval_batch_size)")
+                       help="batch size for the test set (unset: --eval_batch_size)")
     group.add_argument("--bptt", type=int, default=35, help="truncated-BPTT window length")
     add_update_args(group, optimizers=("sgd", "adam"), evaluation="epochs without validation improvement")
     parser.set_defaults(optimizer="sgd", lr=20.0, clip=0.25, patience=5, plateau_threshold=0.0)
@@ -155,7 +169,7 @@ def add_lm_training_args(parser: argparse.ArgumentParser) -> None:
 
 def lm_parser(description: str | None) -> argparse.ArgumentParser:
     """A parser with every flag of the language-model scripts; each script then sets its paper's defaults."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_common_args(parser)
     add_lm_training_args(parser)
     models.add_lm_args(parser)
@@ -197,7 +211,7 @@ def add_task_model_args(parser: argparse.ArgumentParser, default_mlp_sizes: list
 
 def task_parser(description: str | None, default_mlp_sizes: list[int] | None = None) -> argparse.ArgumentParser:
     """A parser with the task loop's flags and every core's; the script adds its task's flags and defaults."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_task_args(parser)
     add_task_model_args(parser, default_mlp_sizes)
     return parser
@@ -261,7 +275,8 @@ def sequence_task_parser(description: str | None) -> argparse.ArgumentParser:
     # The published -cuda takes a GPU id; it replaces the run flags' plain --cuda switch.
     cuda = parser.add_argument_group("device", conflict_handler="resolve")
     cuda.add_argument("-cuda", "--cuda", dest="cuda", type=int, nargs="?", const=0, default=None, metavar="GPU",
-                      help="GPU id as published (-1: CPU; a bare --cuda: GPU 0); default: --device")
+                      help="the GPU to run on, a number as published: -cuda 0 is GPU 0, -cuda -1 the CPU, a bare "
+                           "-cuda GPU 0 (the language-model scripts' --cuda is a plain switch; default: --device)")
     group = parser.add_argument_group("pictures", "memory heatmaps every -summarize_freq iterations: always PNG "
                                       "files in the run folder's pictures/, with -visdom also a Visdom server")
     group.add_argument("-visdom", "--visdom", dest="visdom", action="store_true",
@@ -274,6 +289,11 @@ def sequence_task_parser(description: str | None) -> argparse.ArgumentParser:
                        help="the Visdom environment (default: the script's name)")
     for flag, aliases in PUBLISHED_ALIASES.items():
         add_alias(parser, flag, *aliases)
+    # Here the published -dropout / --dropout name --dropouth; say so, since the LM scripts' --dropout differs.
+    parser._option_string_actions["--dropouth"].help = (
+        "dropout between the recurrent layers of the controller (or core); -dropout and --dropout are its "
+        "published spellings here, unlike the language-model scripts' --dropout (output dropout)")
+    parser._option_string_actions["--model"].help += " (default: the one -memory_type picks)"
     parser.set_defaults(**PUBLISHED_DEFAULTS)
     return parser
 
