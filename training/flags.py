@@ -102,6 +102,22 @@ def add_run_args(group: argparse._ActionsContainer, dry_run_help: str) -> None:
                             "before the run fails")
 
 
+def add_view_args(group: argparse._ActionsContainer) -> None:
+    """Live views of any run (views.py): Visdom curves (and a sequence task's memory heatmaps), TensorBoard."""
+    group.add_argument("--visdom", dest="visdom", action="store_true",
+                       help="draw the loss curves live in a running Visdom server (python -m visdom.server)")
+    group.add_argument("--visdom-server", "--visdom_server", dest="visdom_server", default="localhost",
+                       help="the Visdom server's address")
+    group.add_argument("--visdom-port", "--visdom_port", dest="visdom_port", type=int, default=8097,
+                       help="the Visdom server's port")
+    group.add_argument("--visdom-env", "--visdom_env", dest="visdom_env", default=None,
+                       help="the Visdom environment (default: the run folder's name, one per run; name a shared one "
+                            "to see several runs' curves together)")
+    group.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                       help="also write every logged number as TensorBoard scalars into DIR/<run folder name> "
+                            "(a bare --tensorboard: the run folder's tensorboard/); needs pip install tensorboard")
+
+
 def add_update_args(group: argparse._ActionsContainer, optimizers: tuple[str, ...], evaluation: str) -> None:
     """Flags of the parameter update, shared by the LM and task loops; each sets its own defaults.
 
@@ -143,6 +159,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                        help="batches between log lines (losses are read from the device only then)")
     group.add_argument("--save-interval", "--save_interval", dest="save_interval", type=int, default=0,
                        help="also write a resumable checkpoint every this many batches (0: at epoch ends only)")
+    add_view_args(group)
 
 
 def add_lm_training_args(parser: argparse.ArgumentParser) -> None:
@@ -196,6 +213,7 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
                        help="iterations between training log lines (losses are read from the device only then)")
     group.add_argument("--check-freq", "--check_freq", dest="check_freq", type=int, default=500,
                        help="iterations between test-set evaluations and checkpoints")
+    add_view_args(group)
 
 
 def add_task_model_args(parser: argparse.ArgumentParser, default_mlp_sizes: list[int] | None = None) -> None:
@@ -277,16 +295,10 @@ def sequence_task_parser(description: str | None) -> argparse.ArgumentParser:
     cuda.add_argument("-cuda", "--cuda", dest="cuda", type=int, nargs="?", const=0, default=None, metavar="GPU",
                       help="the GPU to run on, a number as published: -cuda 0 is GPU 0, -cuda -1 the CPU, a bare "
                            "-cuda GPU 0 (the language-model scripts' --cuda is a plain switch; default: --device)")
-    group = parser.add_argument_group("pictures", "memory heatmaps every -summarize_freq iterations: always PNG "
-                                      "files in the run folder's pictures/, with -visdom also a Visdom server")
-    group.add_argument("-visdom", "--visdom", dest="visdom", action="store_true",
-                       help="draw the heatmaps and the loss curve in a running Visdom server")
-    group.add_argument("--visdom-server", "--visdom_server", dest="visdom_server", default="localhost",
-                       help="the Visdom server's address")
-    group.add_argument("--visdom-port", "--visdom_port", dest="visdom_port", type=int, default=8097,
-                       help="the Visdom server's port")
-    group.add_argument("--visdom-env", "--visdom_env", dest="visdom_env", default=None,
-                       help="the Visdom environment (default: the script's name)")
+    add_alias(parser, "--visdom", "-visdom")
+    parser._option_string_actions["--visdom"].help = (
+        "draw the memory heatmaps and the loss and test curves live in a running Visdom server (the heatmaps "
+        "also go to the run folder's pictures/ as PNG files every -summarize_freq iterations, with or without it)")
     for flag, aliases in PUBLISHED_ALIASES.items():
         add_alias(parser, flag, *aliases)
     # Here the published -dropout / --dropout name --dropouth; say so, since the LM scripts' --dropout differs.
@@ -339,6 +351,8 @@ def check_update_args(args: argparse.Namespace) -> None:
     if not 0 < args.lr_decay <= 1:
         raise UserInputError(f"--lr-decay must be in (0, 1] (1 turns the plateau schedule off), got {args.lr_decay}")
     distributed.share(args.batch_size, "--batch_size")
+    if not 0 < args.visdom_port < 65536:
+        raise UserInputError(f"--visdom-port must be a port number (1-65535), got {args.visdom_port}")
 
 
 def check_lm_args(args: argparse.Namespace) -> None:
@@ -366,8 +380,6 @@ def check_sequence_args(args: argparse.Namespace) -> None:
              prefix="-")
     if args.generalisation_lengths is not None and min(args.generalisation_lengths) < 1:
         raise UserInputError(f"--generalisation-lengths must be positive, got {args.generalisation_lengths}")
-    if not 0 < args.visdom_port < 65536:
-        raise UserInputError(f"--visdom-port must be a port number (1-65535), got {args.visdom_port}")
 
 
 # --------------------------------------------------------------------------- devices and the command line

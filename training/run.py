@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -78,6 +78,8 @@ class Run:
     """A run folder: `args.json`, `log.jsonl`, checkpoints. Prints log lines and appends them as JSON.
 
     Under torchrun only rank 0 prints and writes; on the other ranks the same calls do nothing.
+    Listeners (`add_listener`: the live views of views.py) receive each logged event after it is
+    written; one that fails with an OSError (its server went away) is dropped with a line saying so.
     """
 
     def __init__(self, path: Path):
@@ -87,6 +89,7 @@ class Run:
             self.path.mkdir(parents=True, exist_ok=True)
         self.log_path = self.path / "log.jsonl"
         self.bar: tqdm | None = None
+        self.listeners: list[Callable[[str, dict], None]] = []
 
     @classmethod
     def create(cls, args: argparse.Namespace, script: str) -> "Run":
@@ -135,6 +138,17 @@ class Run:
                   **{key: json_safe(value) for key, value in fields.items()}}
         with open(self.log_path, "a") as file:
             file.write(json.dumps(record) + "\n")
+        for listener in list(self.listeners):
+            try:
+                listener(event, record)
+            except OSError as error:  # a viewer going away must not end the training run
+                self.listeners.remove(listener)
+                self.print(f"| {type(listener).__name__}: stopped ({error}); log.jsonl has every event")
+
+    def add_listener(self, listener: Callable[[str, dict], None]) -> None:
+        """Call `listener(event, record)` after each logged event (on rank 0)."""
+        if self.main:
+            self.listeners.append(listener)
 
     def log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0
