@@ -225,8 +225,10 @@ def figure(maps: dict[str, Heatmap], title: str = ""):
         boundary = first_output_row(heatmap.row_names)
         if boundary is not None:
             axis.axhline(boundary - 0.5, color="red", linestyle="--", linewidth=1.2)
-            axis.text(1.0, boundary - 0.5, " output", color="red", fontsize=7, va="bottom", ha="left",
-                      transform=axis.get_yaxis_transform(), clip_on=False)
+            axis.text(0.99, boundary - 0.5, "output", color="red", fontsize=7, va="bottom", ha="right",
+                      transform=axis.get_yaxis_transform())
+            axis.text(0.99, boundary - 0.5, "input", color="red", fontsize=7, va="top", ha="right",
+                      transform=axis.get_yaxis_transform())
         drawing.colorbar(image, ax=axis)
     if title:
         drawing.suptitle(title)
