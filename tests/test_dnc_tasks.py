@@ -251,7 +251,7 @@ def test_script_dry_runs_draw_the_dnc_memory(script, tmp_path):
     pictures = sorted(path.name for path in (run_dir / "pictures").iterdir())
     assert pictures == ["step-0000002.npz", "step-0000002.png"]
     arrays = np.load(run_dir / "pictures" / "step-0000002.npz")
-    assert set(arrays.files) == {"memory", "link_matrix", "read_weights", "write_weights", "usage"}
+    assert set(arrays.files) == {"memory", "link_matrix", "read_weights", "write_weights", "usage", "precedence"}
     assert arrays["memory"].shape == (6, 4) and arrays["link_matrix"].shape == (6, 6)
 
 
@@ -261,9 +261,12 @@ def test_sparse_memories_run_the_copy_task(memory_type, tmp_path):
                              "-summarize_freq", "2", "--generalisation-lengths", "4"])
     assert result["step"] == 2 and math.isfinite(result["test"]["loss"])
     arrays = np.load(tmp_path / "run" / "pictures" / "step-0000002.npz")
-    assert arrays["memory"].shape == (6, 4) and "usage" in arrays.files
-    if memory_type == "sdnc":  # sparse links: each slot's K_L = -temporal_reads entries
-        assert arrays["link_matrix"].shape == arrays["rev_link_matrix"].shape == (6, 1)
+    assert arrays["memory"].shape == (6, 4) and "usage" not in arrays.files  # SAM's usage is the last access step
+    assert arrays["last_access"].shape == arrays["read_positions"].shape == (9, 6)  # T = 2 * 4 + 1 steps
+    assert set(np.unique(arrays["read_positions"])) <= {0.0, 0.5, 1.0}
+    if memory_type == "sdnc":  # sparse links (K_L = -temporal_reads entries per slot), drawn against the slots
+        assert arrays["link_matrix"].shape == arrays["rev_link_matrix"].shape == (6, 6)
+        assert "precedence" in arrays.files
     else:
         assert "link_matrix" not in arrays.files
 
