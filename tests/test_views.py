@@ -41,7 +41,8 @@ def test_tensorboard_event_files_hold_the_logged_numbers(tmp_path, capsys):
     events = logged(run_dir)
     for kind, field in (("train", "loss"), ("test", "loss"), ("test", "bit_errors"), ("test", "lr"),
                         ("final", "bit_errors")):
-        expected = [(event["step"], pytest.approx(event[field], rel=1e-6)) for event in events if event["event"] == kind]
+        expected = [(event["step"], pytest.approx(event[field], rel=1e-6))
+                    for event in events if event["event"] == kind]
         assert found[f"{kind}/{field}"] == expected, (kind, field)
     generalisation = [(event["length"], pytest.approx(event["bit_errors"], rel=1e-6)) for event in events
                       if event["event"] == "generalisation"]

@@ -167,7 +167,7 @@ def test_each_run_has_its_own_env_and_a_shared_env_keeps_runs_apart(visdom_port,
     # By default each run draws into an environment named after its run folder.
     copy_run(tmp_path / "dnc-a", visdom_port, "--model", "DNC")
     copy_run(tmp_path / "dnc-b", visdom_port, "--model", "DNC", "--seed", "7")
-    assert f"/env/dnc-b" in capfd.readouterr().out
+    assert "/env/dnc-b" in capfd.readouterr().out
     vis = client(visdom_port, "main")
     assert {"dnc-a", "dnc-b"} <= set(vis.get_env_list())
     for name in ("dnc-a", "dnc-b"):  # each env's loss window holds its own run's points only, once
