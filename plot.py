@@ -74,8 +74,11 @@ def read_run(path: str | Path) -> RunLog:
         what = "does not exist" if not path.exists() else "is not a run folder (it has no log.jsonl)"
         raise UserInputError(f"{path} {what}; give the run folder a training script printed "
                              f"('run folder runs/...')")
+    text = log_path.read_text()
+    if not text.endswith("\n"):  # a running run may be writing its last line: leave that line out
+        text = text[:text.rfind("\n") + 1]
     events = []
-    for number, line in enumerate(log_path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

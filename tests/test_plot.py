@@ -190,3 +190,9 @@ def test_read_run_rejects_a_log_that_is_not_json(tmp_path):
     (tmp_path / "log.jsonl").write_text("not json\n")
     with pytest.raises(UserInputError, match="line 1 is not JSON"):
         plot.read_run(tmp_path)
+
+
+def test_a_running_runs_half_written_last_line_is_left_out(tmp_path):
+    (tmp_path / "log.jsonl").write_text('{"event": "train", "time": 0, "step": 1, "loss": 1.0}\n{"event": "tra')
+    run = plot.read_run(tmp_path)
+    assert [event["step"] for event in run.events] == [1]
