@@ -137,7 +137,7 @@ def heatmaps(debug: dict[str, np.ndarray], steps: int | None = None, output_star
                                 "entry of the slot's list", "slot", UNIT)
     rows = next((len(np.asarray(value)) for value in debug.values()), 0)
     names = step_names(rows, steps, output_start)
-    ylabel = "time step" if names is None or rows == steps else "time step x layer"
+    ylabel = "time step" if steps and rows == steps else "time step x layer"
     if "read_weights" in debug:
         weights = np.asarray(debug["read_weights"])
         group = 0
