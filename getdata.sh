@@ -125,7 +125,6 @@ reset_status() {
     BAD=""
     VERIFIED=""
     UNCHECKED=""
-    STALE=""
     CREATED_DIR=""
 }
 
@@ -176,7 +175,6 @@ dest_is_current() {  # dest_is_current CORPUS SPLIT [SOURCE]
             return 0
         fi
         warn "$target has md5 $got, expected $want"
-        STALE="$target"
         return 1
     fi
     if [ -n "${3:-}" ] && ! cmp -s "$3" "$target"; then
@@ -191,8 +189,9 @@ dest_is_current() {  # dest_is_current CORPUS SPLIT [SOURCE]
 # an archive whose checksum was verified.
 install_file() {  # install_file SOURCE CORPUS SPLIT [TRUSTED]
     local source=$1 corpus=$2 split=$3 trusted=${4:-0}
-    local target="$DEST/$2/$3.txt" want got
+    local target="$DEST/$2/$3.txt" want got replacing=""
     make_corpus_dir "$corpus"
+    if [ -f "$target" ]; then replacing=1; fi
     PART="$DEST/$corpus/.$split.txt.part.$$"
     cat "$source" > "$PART"  # not cp: a read-only source should not give a read-only copy
     if [ "$VERIFY" = 1 ]; then
@@ -202,8 +201,7 @@ install_file() {  # install_file SOURCE CORPUS SPLIT [TRUSTED]
             if [ "$got" != "$want" ]; then
                 rm -f "$PART" "$target"
                 PART=""
-                error "md5 mismatch for $corpus/$split.txt (from $source): expected $want, got $got; not installed${STALE:+, and the wrong $STALE removed} (set GETDATA_NO_VERIFY=1 to accept a different variant)"
-                STALE=""
+                error "md5 mismatch for $corpus/$split.txt (from $source): expected $want, got $got; not installed${replacing:+, and the wrong $target removed} (set GETDATA_NO_VERIFY=1 to accept a different variant)"
                 add BAD "$split"
                 return 0
             fi
@@ -216,8 +214,7 @@ install_file() {  # install_file SOURCE CORPUS SPLIT [TRUSTED]
     fi
     mv -f "$PART" "$target"
     PART=""
-    if [ "$STALE" = "$target" ]; then warn "replaced $target"; fi
-    STALE=""
+    if [ -n "$replacing" ]; then warn "replaced $target"; fi
     add INSTALLED "$split"
 }
 
