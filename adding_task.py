@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="published: one-hot digits, the decoded outputs summed (pytorch-dnc); "
              "standard: (value, marker) pairs (Hochreiter & Schmidhuber)")
     parser.set_defaults(input_size=None, iterations=None, sequence_max_length=100)
+    for flag, (published, standard) in {"-input_size": (6, 2), "-iterations": (2000, 100000)}.items():
+        parser._option_string_actions[flag].help += f" (default: {published} published, {standard} standard)"
     return parser
 
 

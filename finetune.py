@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = awd_main.build_parser()
     parser.description = __doc__
     parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint or run folder of main.py to fine-tune (a folder means its best.pt)")
+                        help="checkpoint or run folder of main.py to fine-tune (a folder means its best.pt; default: --save)")
     return parser
 
 

@@ -19,7 +19,7 @@ WIKITEXT_BASES="https://wikitext.smerity.com https://s3.amazonaws.com/research.m
 
 usage() {
     cat <<EOF
-Usage: bash $PROG [--from DIR] [--dest DIR] [CORPUS ...]
+Usage: bash $PROG [--from DIR] [--partial] [--dest DIR] [CORPUS ...]
 
 Put word-level corpora in DEST/<corpus>/{train,valid,test}.txt.
 
@@ -32,6 +32,9 @@ With no CORPUS: penn wikitext-2 (with --from: every known corpus folder found in
 Options:
   --from DIR    copy DIR/<corpus>/{train,valid,test}.txt instead of downloading
                 (for machines without internet, e.g. --from ../shared/data)
+  --partial     with --from: install a corpus even when DIR lacks some of its splits (e.g.
+                WikiText-2 valid and test alone, for evaluation); without it such a corpus is
+                an error and nothing of it is installed
   --dest DIR    where to put the corpora (default: the data/ folder beside this script)
   -h, --help    show this help
 
@@ -108,6 +111,8 @@ is_known_corpus() {
 cleanup() {
     if [ -n "${PART:-}" ]; then rm -f "$PART"; fi
     if [ -n "${TMP_ROOT:-}" ]; then rm -rf "$TMP_ROOT"; fi
+    if [ -n "${CREATED_DIR:-}" ]; then rmdir "$CREATED_DIR" 2>/dev/null || true; fi
+    if [ "${DEST_EXISTED:-1}" = 0 ]; then rmdir "$DEST" 2>/dev/null || true; fi  # only when left empty
     return 0
 }
 
@@ -120,6 +125,7 @@ reset_status() {
     BAD=""
     VERIFIED=""
     UNCHECKED=""
+    CREATED_DIR=""
 }
 
 add() {  # add LISTNAME WORD: append WORD to the space-separated list LISTNAME
@@ -138,10 +144,14 @@ report() {  # report CORPUS VERB
     fi
     if [ -n "$MISSING" ]; then parts="${parts:+$parts, }missing $MISSING"; fi
     if [ -n "$BAD" ]; then parts="${parts:+$parts, }failed $BAD"; fi
-    if [ "$VERIFY" != 1 ]; then
+    if [ -z "$INSTALLED$CURRENT" ]; then
+        suffix=""  # nothing is in place, so there is nothing to call verified
+    elif [ "$VERIFY" != 1 ]; then
         suffix=" (not verified: GETDATA_NO_VERIFY is set)"
-    elif [ -n "$VERIFIED" ] && [ -z "$UNCHECKED" ]; then
+    elif [ -n "$VERIFIED" ] && [ -z "$UNCHECKED" ] && [ -z "$MISSING$BAD" ]; then
         suffix=" (verified)"
+    elif [ -n "$VERIFIED" ] && [ -z "$UNCHECKED" ]; then
+        suffix=" (verified $VERIFIED)"
     elif [ -n "$VERIFIED" ]; then
         suffix=" (verified $VERIFIED; no checksum known for $UNCHECKED)"
     elif [ -n "$UNCHECKED" ]; then
@@ -164,7 +174,7 @@ dest_is_current() {  # dest_is_current CORPUS SPLIT [SOURCE]
             add VERIFIED "$2"
             return 0
         fi
-        warn "$target has md5 $got, expected $want; replacing it"
+        warn "$target has md5 $got, expected $want"
         return 1
     fi
     if [ -n "${3:-}" ] && ! cmp -s "$3" "$target"; then
@@ -179,8 +189,9 @@ dest_is_current() {  # dest_is_current CORPUS SPLIT [SOURCE]
 # an archive whose checksum was verified.
 install_file() {  # install_file SOURCE CORPUS SPLIT [TRUSTED]
     local source=$1 corpus=$2 split=$3 trusted=${4:-0}
-    local target="$DEST/$2/$3.txt" want got
-    mkdir -p "$DEST/$corpus"
+    local target="$DEST/$2/$3.txt" want got replacing=""
+    make_corpus_dir "$corpus"
+    if [ -f "$target" ]; then replacing=1; fi
     PART="$DEST/$corpus/.$split.txt.part.$$"
     cat "$source" > "$PART"  # not cp: a read-only source should not give a read-only copy
     if [ "$VERIFY" = 1 ]; then
@@ -190,7 +201,7 @@ install_file() {  # install_file SOURCE CORPUS SPLIT [TRUSTED]
             if [ "$got" != "$want" ]; then
                 rm -f "$PART" "$target"
                 PART=""
-                error "md5 mismatch for $corpus/$split.txt (from $source): expected $want, got $got; not installed (set GETDATA_NO_VERIFY=1 to accept a different variant)"
+                error "md5 mismatch for $corpus/$split.txt (from $source): expected $want, got $got; not installed${replacing:+, and the wrong $target removed} (set GETDATA_NO_VERIFY=1 to accept a different variant)"
                 add BAD "$split"
                 return 0
             fi
@@ -203,7 +214,22 @@ install_file() {  # install_file SOURCE CORPUS SPLIT [TRUSTED]
     fi
     mv -f "$PART" "$target"
     PART=""
+    if [ -n "$replacing" ]; then warn "replaced $target"; fi
     add INSTALLED "$split"
+}
+
+# Create DEST/CORPUS, remembering whether this run did, so that a corpus that ends up with no
+# file leaves no empty folder behind (remove_empty_corpus_dir).
+make_corpus_dir() {  # make_corpus_dir CORPUS
+    if [ ! -d "$DEST/$1" ]; then
+        mkdir -p "$DEST/$1"
+        CREATED_DIR="$DEST/$1"
+    fi
+}
+
+remove_empty_corpus_dir() {
+    if [ -n "$CREATED_DIR" ]; then rmdir "$CREATED_DIR" 2>/dev/null || true; fi
+    CREATED_DIR=""
 }
 
 # ---------------------------------------------------------------- copy mode
@@ -212,19 +238,29 @@ copy_corpus() {  # copy_corpus CORPUS
     local corpus=$1 split source
     reset_status
     for split in $SPLITS; do
+        if [ ! -f "$FROM/$corpus/$split.txt" ]; then add MISSING "$split"; fi
+    done
+    if [ "$MISSING" = "$SPLITS" ]; then
+        error "$FROM/$corpus has none of train.txt valid.txt test.txt"
+        report "$corpus" copied
+        return 0
+    fi
+    if [ -n "$MISSING" ] && [ "$PARTIAL" != 1 ]; then
+        error "$FROM/$corpus lacks $(printf '%s.txt ' $MISSING)so $corpus was not installed; add --partial to install the splits it has"
+        report "$corpus" copied
+        return 0
+    fi
+    for split in $SPLITS; do
         source="$FROM/$corpus/$split.txt"
         if [ ! -f "$source" ]; then
-            warn "$source not found; $corpus/$split.txt not copied"
-            add MISSING "$split"
+            warn "$source not found; $corpus/$split.txt not copied (--partial)"
         elif dest_is_current "$corpus" "$split" "$source"; then
             add CURRENT "$split"
         else
             install_file "$source" "$corpus" "$split"
         fi
     done
-    if [ -z "$INSTALLED$CURRENT$BAD" ]; then
-        error "$FROM/$corpus has none of train.txt valid.txt test.txt"
-    fi
+    remove_empty_corpus_dir
     report "$corpus" copied
 }
 
@@ -378,6 +414,7 @@ download_corpus() {  # download_corpus CORPUS
         fi
         rm -rf "$STAGE"
     fi
+    remove_empty_corpus_dir
     report "$corpus" downloaded
 }
 
@@ -385,6 +422,7 @@ download_corpus() {  # download_corpus CORPUS
 
 FROM=""
 FROM_SET=0
+PARTIAL=0
 DEST="$SCRIPT_DIR/data"
 NAMED=""
 while [ $# -gt 0 ]; do
@@ -402,6 +440,10 @@ while [ $# -gt 0 ]; do
         --from=*)
             FROM=${1#--from=}
             FROM_SET=1
+            shift
+            ;;
+        --partial)
+            PARTIAL=1
             shift
             ;;
         --dest)
@@ -427,6 +469,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -n "$DEST" ] || usage_error "--dest needs a directory"
+if [ "$PARTIAL" = 1 ] && [ "$FROM_SET" != 1 ]; then
+    usage_error "--partial goes with --from DIR (a download installs whole corpora)"
+fi
 
 VERIFY=1
 if [ -n "${GETDATA_NO_VERIFY:-}" ] && [ "${GETDATA_NO_VERIFY}" != 0 ]; then
@@ -439,6 +484,8 @@ fi
 FAILED=0
 PART=""
 TMP_ROOT=""
+DEST_EXISTED=0
+if [ -d "$DEST" ]; then DEST_EXISTED=1; fi
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM

@@ -31,11 +31,12 @@ from models.cache_pointer import cache_pointer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
     parser.add_argument("--checkpoint", "--save", dest="checkpoint", required=True,
                         help="language-model checkpoint, or a run folder (its best.pt)")
     parser.add_argument("--data", default="data/penn", help="corpus folder the model was trained on")
-    parser.add_argument("--splits", nargs="+", choices=("valid", "test"), default=["valid", "test"])
+    parser.add_argument("--splits", nargs="+", choices=("valid", "test"), default=["valid", "test"],
+                        help="the splits to evaluate")
     # The reference pointer.py's defaults (tuned on WikiText-2), to the digit.
     parser.add_argument("--window", type=int, default=3785, help="cache size in positions")
     parser.add_argument("--theta", type=float, default=0.6625523432485668,

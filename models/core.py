@@ -108,9 +108,11 @@ def add_argument_once(parser: argparse.ArgumentParser, *flags: str, **kwargs: An
 def add_stack_args(group: argparse._ActionsContainer) -> None:
     """The flags every stacked core shares: width, depth and dropout between layers."""
     add_argument_once(group, "--nhid", type=int, default=300, help="hidden units per layer")
-    add_argument_once(group, "--nlayers", type=int, default=1, help="number of layers")
+    add_argument_once(group, "--nlayers", type=int, default=1,
+                      help="number of layers (the DNC, SAM and SDNC count theirs with -nlayer and -nhlayer)")
     add_argument_once(group, "--dropouth", type=float, default=None,
-                      help="dropout between recurrent layers (default: the same as --dropout)")
+                      help="dropout between recurrent layers (unset: the language models' --dropout; 0 in the "
+                           "task scripts)")
 
 
 def stack_dropout(args: argparse.Namespace) -> float:

@@ -200,7 +200,7 @@ def add_lm_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--emsize", type=int, default=300, help="word embedding size")
     group.add_argument("--dropout", type=float, default=0.5,
                        help="dropout on the core's output (and on the embeddings unless --dropouti is given)")
-    group.add_argument("--dropouti", type=float, default=None, help="dropout on the embeddings")
+    group.add_argument("--dropouti", type=float, default=None, help="dropout on the embeddings (unset: the same as --dropout)")
     group.add_argument("--dropoute", type=float, default=0.0, help="probability of dropping whole word types")
     group.add_argument("--locked-dropout", "--locked_dropout", dest="locked_dropout",
                        action=argparse.BooleanOptionalAction, default=False,

@@ -389,7 +389,7 @@ class RMCCore(Core):
         """Flags spelled as in the seed project's train_rmc.py (defaults too), with dashed aliases."""
         group = parser.add_argument_group("RMC core")
         add_argument_once(group, "--memslots", "--mem-slots", "--mem_slots", dest="mem_slots", type=int, default=1,
-                          help="RMC: number of memory slots (rows)")
+                          help="RMC: number of memory slots (rows; the DNC's cells are -mem_slot)")
         add_argument_once(group, "--headsize", "--head-size", "--head_size", dest="head_size", type=int,
                           default=192, help="RMC: size of each attention head (memory width = heads x head size)")
         add_argument_once(group, "--numheads", "--num-heads", "--num_heads", dest="num_heads", type=int, default=4,

@@ -274,7 +274,7 @@ def test_script_dry_runs_draw_the_dnc_memory(script, tmp_path):
     pictures = sorted(path.name for path in (run_dir / "pictures").iterdir())
     assert pictures == ["step-0000002.npz", "step-0000002.png"]
     arrays = np.load(run_dir / "pictures" / "step-0000002.npz")
-    assert set(arrays.files) == {"memory", "link_matrix", "read_weights", "write_weights", "usage"}
+    assert set(arrays.files) == {"memory", "link_matrix", "read_weights", "write_weights", "usage", "precedence"}
     assert arrays["memory"].shape == (6, 4) and arrays["link_matrix"].shape == (6, 6)
 
 
@@ -284,9 +284,12 @@ def test_sparse_memories_run_the_copy_task(memory_type, tmp_path):
                              "-summarize_freq", "2", "--generalisation-lengths", "4"])
     assert result["step"] == 2 and math.isfinite(result["test"]["loss"])
     arrays = np.load(tmp_path / "run" / "pictures" / "step-0000002.npz")
-    assert arrays["memory"].shape == (6, 4) and "usage" in arrays.files
-    if memory_type == "sdnc":  # sparse links: each slot's K_L = -temporal_reads entries
-        assert arrays["link_matrix"].shape == arrays["rev_link_matrix"].shape == (6, 1)
+    assert arrays["memory"].shape == (6, 4) and "usage" not in arrays.files  # SAM's usage is the last access step
+    assert arrays["last_access"].shape == arrays["read_positions"].shape == (9, 6)  # T = 2 * 4 + 1 steps
+    assert set(np.unique(arrays["read_positions"])) <= {0.0, 0.5, 1.0}
+    if memory_type == "sdnc":  # sparse links (K_L = -temporal_reads entries per slot), drawn against the slots
+        assert arrays["link_matrix"].shape == arrays["rev_link_matrix"].shape == (6, 6)
+        assert "precedence" in arrays.files
     else:
         assert "link_matrix" not in arrays.files
 
@@ -405,16 +408,89 @@ def synthetic_debug(rows=6, slots=5, width=3, heads=2):
 def test_heatmaps_of_a_debug_dict(tmp_path):
     debug = synthetic_debug()
     maps = visualize.heatmaps(debug)
-    assert list(maps) == ["memory", "link_matrix", "read_weights", "write_weights", "usage"]
+    assert list(maps) == ["memory", "link_matrix", "read_weights", "write_weights", "usage", "precedence"]
     np.testing.assert_array_equal(maps["memory"].values, debug["memory"][-1].reshape(5, 3))
     np.testing.assert_array_equal(maps["link_matrix"].values, debug["link_matrix"][-1].reshape(5, 5))
     np.testing.assert_array_equal(maps["read_weights"].values, debug["read_weights"])
     np.testing.assert_array_equal(maps["usage"].values, debug["usage_vector"])
+    np.testing.assert_array_equal(maps["precedence"].values, debug["precedence"])
+    # quantities in [0, 1] share the scale 0-1; the memory has its own, and the titles say which
+    for name in ("link_matrix", "read_weights", "write_weights", "usage", "precedence"):
+        assert maps[name].scale == (0.0, 1.0) and "scale 0-1" in maps[name].title, name
+    assert maps["memory"].scale is None and "own scale" in maps["memory"].title
     assert visualize.heatmaps({"hidden": np.zeros((2, 3))}) == {}
     path = visualize.save_png(maps, tmp_path / "pictures" / "step.png", title="test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = np.load(tmp_path / "pictures" / "step.npz")
     assert all(np.array_equal(saved[name], heatmap.values) for name, heatmap in maps.items())
+
+
+def test_sparse_debug_dict_names_last_access_and_draws_read_positions_and_links_against_slots():
+    """SAM / SDNC: `usage` is the last access step (not a usage), read positions become a slot map, and
+    the SDNC's K_L link entries are drawn at the slots they point to."""
+    rows, slots, links = 3, 5, 2
+    rng = np.random.default_rng(1)
+    debug = {"memory": rng.normal(size=(rows, slots * 2)).astype(np.float32),
+             "read_weights": rng.random((rows, 2 * slots)).astype(np.float32),
+             "write_weights": rng.random((rows, slots)).astype(np.float32),
+             "usage": np.array([[0, -1, 2, 5, -5]] * rows, dtype=np.float32),
+             "read_positions": np.array([[1, 3, 4], [0, 0, 2], [2, 4, 2]]),
+             "link_matrix": np.tile(np.array([[.5, .1], [0, 0], [.9, .2], [0, 0], [.3, 0]], np.float32).reshape(1, -1),
+                                    (rows, 1)),
+             "link_index": np.tile(np.array([[2, 4], [1, 1], [0, 3], [3, 3], [1, 4]]).reshape(1, -1), (rows, 1)),
+             "rev_link_matrix": np.tile(np.array([[.9, 0], [.3, 0], [.5, 0], [.2, 0], [.1, 0]],
+                                                 np.float32).reshape(1, -1), (rows, 1)),
+             "rev_link_index": np.tile(np.array([[2, 0], [4, 1], [0, 2], [2, 3], [0, 4]]).reshape(1, -1), (rows, 1))}
+    maps = visualize.heatmaps(debug)
+    assert "usage" not in maps and maps["last_access"].scale is None
+    assert "last access step" in maps["last_access"].title
+    np.testing.assert_array_equal(maps["last_access"].values, debug["usage"])
+    expected = np.zeros((rows, slots), np.float32)
+    expected[0, [1, 3]] = 1; expected[0, 4] = 0.5  # noqa: E702  rows read, then the least-used row
+    expected[1, 0] = 1; expected[1, 2] = 0.5  # noqa: E702
+    expected[2, [2, 4]] = 1  # the least-used row 2 was also read: 1 wins
+    np.testing.assert_array_equal(maps["read_positions"].values, expected)
+    forward = np.zeros((slots, slots), np.float32)
+    for row, (columns, values) in enumerate(zip([[2, 4], [1, 1], [0, 3], [3, 3], [1, 4]],
+                                                [[.5, .1], [0, 0], [.9, .2], [0, 0], [.3, 0]])):
+        for column, value in zip(columns, values):
+            if value:
+                forward[row, column] = value
+    np.testing.assert_allclose(maps["link_matrix"].values, forward)
+    assert maps["link_matrix"].xlabel == "slot written before"
+    backward = np.zeros((slots, slots), np.float32)
+    backward[2, 0], backward[4, 1], backward[0, 2], backward[2, 3], backward[0, 4] = .9, .3, .5, .2, .1
+    np.testing.assert_allclose(maps["rev_link_matrix"].values, backward)
+    assert maps["read_weights"].group == slots
+
+
+def test_rows_name_the_phases_and_the_png_marks_them_with_slot_ticks_and_head_separators():
+    debug = synthetic_debug(rows=2 * 7, slots=5, heads=3)  # 7 steps of 2 layers
+    mask = np.array([False, False, False, False, True, True, True])
+    start = visualize.answer_start(mask)
+    assert start == 4
+    assert visualize.answer_start(np.ones(5, bool)) is None and visualize.answer_start(np.zeros(5, bool)) is None
+    assert visualize.answer_start(np.array([1, 1, 0, 0, 1], bool)) == 4  # the trailing run of answers
+    maps = visualize.heatmaps(debug, steps=7, output_start=start)
+    names = maps["write_weights"].row_names
+    assert names[:2] == ["in t0 l0", "in t0 l1"] and names[8:10] == ["out t4 l0", "out t4 l1"]
+    assert maps["write_weights"].ylabel == "time step x layer"
+    drawing = visualize.figure(maps)
+    panel = {axis.get_title(): axis for axis in drawing.axes}
+    reads = panel["read weights (scale 0-1)"]
+    vertical = sorted(line.get_xdata()[0] for line in reads.get_lines() if line.get_color() == "white")
+    assert vertical == [4.5, 9.5]  # between the three heads of 5 slots
+    assert [tick.get_text() for tick in reads.get_xticklabels()] == ["head 0", "head 1", "head 2"]
+    boundary = [line.get_ydata()[0] for line in reads.get_lines() if line.get_color() == "red"]
+    assert boundary == [7.5]  # below row 8, the first output row
+    writes = panel["write weights (scale 0-1)"]
+    assert all(float(tick).is_integer() for tick in writes.get_xticks())
+    assert writes.images[0].get_clim() == (0.0, 1.0)
+    memory = panel["memory after the last step (own scale)"]
+    assert memory.images[0].get_clim() == (debug["memory"][-1].min(), debug["memory"][-1].max())
+    opts = visualize.visdom_opts(maps["read_weights"], "@ 3")
+    assert opts["rownames"] == names and opts["columnnames"][5] == "h1 s0" and (opts["xmin"], opts["xmax"]) == (0, 1)
+    assert visualize.visdom_opts(maps["memory"])["rownames"] == ["0", "1", "2", "3", "4"]
 
 
 def test_large_memories_are_drawn_in_their_first_slots():

@@ -194,7 +194,8 @@ def test_checksum_mismatch_fails_and_keeps_no_bad_file(tmp_path):
         assert f"penn/{split}.txt" in result.stderr
         assert PENN_MD5[split] in result.stderr
         assert md5(source / "penn" / f"{split}.txt") in result.stderr
-    assert files_under(dest) == []
+    assert "penn: failed train valid test\n" == result.stdout  # nothing installed: no "(verified)"
+    assert not (dest / "penn").exists()
 
 
 def test_checksum_mismatch_removes_a_stale_bad_file(tmp_path):
@@ -202,20 +203,39 @@ def test_checksum_mismatch_removes_a_stale_bad_file(tmp_path):
     make_corpus(source, "penn", splits=("train",))
     stale = make_corpus(tmp_path / "dest", "penn", splits=("train",)) / "train.txt"
     stale.write_text("an older, wrong train split\n")
-    result = run_getdata("--from", source, "--dest", tmp_path / "dest", "penn")
+    result = run_getdata("--from", source, "--dest", tmp_path / "dest", "penn", "--partial")
     assert result.returncode != 0
     assert not stale.exists()
+    assert "replac" not in result.stderr  # nothing replaced it
+    assert f"not installed, and the wrong {stale} removed" in result.stderr
 
 
-def test_missing_split_warns_and_copies_the_rest(tmp_path):
+def test_missing_split_fails_and_installs_nothing_without_partial(tmp_path):
     source = tmp_path / "src"
     make_corpus(source, "wikitext-2", splits=("valid", "test"))
     dest = tmp_path / "dest"
     result = run_getdata("--from", source, "--dest", dest, "wikitext-2", no_verify=True)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "lacks train.txt" in errors[0] and "--partial" in errors[0]
+    assert "wikitext-2: missing train" in result.stdout and "verified" not in result.stdout
+    assert not dest.exists()  # no empty corpus folder, nor the --dest folder this run would have made
+
+
+def test_missing_split_with_partial_warns_and_copies_the_rest(tmp_path):
+    source = tmp_path / "src"
+    make_corpus(source, "wikitext-2", splits=("valid", "test"))
+    dest = tmp_path / "dest"
+    result = run_getdata("--from", source, "--dest", dest, "--partial", "wikitext-2", no_verify=True)
     assert result.returncode == 0, result.stderr
     assert "warning" in result.stderr
     assert "train.txt" in result.stderr
     assert files_under(dest) == ["wikitext-2/test.txt", "wikitext-2/valid.txt"]
+
+
+def test_partial_needs_from(tmp_path):
+    result = run_getdata("--partial", "--dest", tmp_path / "dest", "penn")
+    assert result.returncode == 2 and "--partial goes with --from" in result.stderr
 
 
 def test_default_dest_is_data_beside_the_script(tmp_path):
@@ -244,7 +264,8 @@ def test_unreachable_download_fails_cleanly(tmp_path, fake_net, corpus):
     assert corpus in errors[0]
     assert "http" in errors[0]
     assert "--from DIR" in errors[0]
-    assert files_under(dest) == []
+    assert "verified" not in result.stdout
+    assert not dest.exists()  # neither an empty corpus folder nor the --dest this run made
 
 
 def test_download_penn_from_tgz(tmp_path, fake_net):
@@ -318,6 +339,7 @@ def test_copy_real_corpora_verifies_checksums(tmp_path):
     result = run_getdata("--from", SHARED_DATA, "--dest", dest, "penn")
     assert result.returncode == 0, result.stderr
     assert "copied valid" in result.stdout
+    assert f"replaced {dest / 'penn' / 'valid.txt'}" in result.stderr
     assert md5(dest / "penn" / "valid.txt") == PENN_MD5["valid"]
 
     before = snapshot(dest)
@@ -325,3 +347,24 @@ def test_copy_real_corpora_verifies_checksums(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "penn: up to date (verified)" in result.stdout
     assert snapshot(dest) == before
+
+
+def test_verified_names_only_the_checked_splits_beside_a_failure(tmp_path):
+    """A corpus with one good and one bad split: the line says which split was verified."""
+    if not (SHARED_DATA / "penn").is_dir():
+        pytest.skip("no local copy of the corpora")
+    source = tmp_path / "src"
+    (source / "penn").mkdir(parents=True)
+    shutil.copy(SHARED_DATA / "penn" / "valid.txt", source / "penn" / "valid.txt")
+    (source / "penn" / "test.txt").write_text("not the test split\n")
+    result = run_getdata("--from", source, "--dest", tmp_path / "dest", "--partial", "penn")
+    assert result.returncode == 1
+    assert result.stdout == "penn: copied valid, missing train, failed test (verified valid)\n"
+
+
+def test_a_failed_download_keeps_an_existing_dest(tmp_path, fake_net):
+    env, _ = fake_net
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    result = run_getdata("--dest", dest, "penn", extra_env=env)
+    assert result.returncode == 1 and dest.is_dir() and list(dest.iterdir()) == []

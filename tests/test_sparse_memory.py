@@ -13,7 +13,7 @@ from models.dnc.sparse_memory import SparseInterface, SparseMemory
 from models.dnc.sparse_temporal_memory import SparseTemporalMemory
 
 SAM_KEYS = {"memory", "visible_memory", "read_positions", "read_weights", "write_weights", "usage"}
-SDNC_KEYS = SAM_KEYS | {"link_matrix", "rev_link_matrix", "precedence"}
+SDNC_KEYS = SAM_KEYS | {"link_matrix", "rev_link_matrix", "link_index", "rev_link_index", "precedence"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,20 +16,19 @@ A script is a parser with its paper's defaults and a call to `run_language_model
 from errors import TrainingError, UserInputError
 from training.checkpoint import (CHECKPOINT_FORMAT, best_checkpoint, check_model_flag, load_checkpoint,
                                  read_checkpoint, save_checkpoint)
-from training.flags import (Flags, check_lm_args, check_task_args, cli, default_generalisation_lengths, lm_parser,
-                            parse_args, parse_sequence_args, public_args, resolve_device, sequence_task_parser,
-                            task_parser)
+from training.flags import (Flags, HelpFormatter, check_lm_args, check_task_args, cli,
+                            default_generalisation_lengths, lm_parser, parse_args, parse_sequence_args, public_args,
+                            resolve_device, sequence_task_parser, task_parser)
 from training.lm import LMOptions, LMTrainer, check_vocabulary, evaluate, perplexity, run_language_model
 from training.loop import LoopOptions, Trainer
 from training.run import Run, StopSignals, seed_everything
 from training.tasks import SequenceTaskTrainer, TaskOptions, TaskTrainer, run_sequence_task, run_task
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "Flags", "LMOptions", "LMTrainer", "LoopOptions", "Run", "SequenceTaskTrainer", "StopSignals",
-    "TaskOptions", "TaskTrainer", "Trainer", "TrainingError", "UserInputError", "best_checkpoint", "check_lm_args",
-    "check_model_flag",
-    "check_task_args", "check_vocabulary", "cli", "default_generalisation_lengths", "evaluate", "lm_parser",
-    "load_checkpoint", "parse_args", "parse_sequence_args", "perplexity", "public_args", "read_checkpoint",
-    "resolve_device", "run_language_model", "run_sequence_task", "run_task", "save_checkpoint", "seed_everything",
-    "sequence_task_parser", "task_parser",
+    "CHECKPOINT_FORMAT", "Flags", "HelpFormatter", "LMOptions", "LMTrainer", "LoopOptions", "Run",
+    "SequenceTaskTrainer", "StopSignals", "TaskOptions", "TaskTrainer", "Trainer", "TrainingError", "UserInputError",
+    "best_checkpoint", "check_lm_args", "check_model_flag", "check_task_args", "check_vocabulary", "cli",
+    "default_generalisation_lengths", "evaluate", "lm_parser", "load_checkpoint", "parse_args", "parse_sequence_args",
+    "perplexity", "public_args", "read_checkpoint", "resolve_device", "run_language_model", "run_sequence_task",
+    "run_task", "save_checkpoint", "seed_everything", "sequence_task_parser", "task_parser",
 ]

@@ -62,7 +62,7 @@ PER_INVOCATION = {"resume", "max_steps", "dry_run", "device", "cuda", "threads",
                   "onnx_export"}
 # ... these keep the checkpoint's values unless typed again; any other typed flag must match the checkpoint.
 RESUME_OVERRIDABLE = {"epochs", "iterations", "log_interval", "save_interval", "check_freq", "data", "max_nonfinite",
-                      "visdom", "visdom_server", "visdom_port", "visdom_env"}
+                      "visdom", "visdom_server", "visdom_port", "visdom_env", "tensorboard"}
 
 
 def git_commit() -> str | None:

@@ -66,6 +66,20 @@ def public_args(args: argparse.Namespace) -> dict:
     return {key: value for key, value in vars(args).items() if not key.startswith("_")}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that keeps the description's line breaks and ends every option's help with its default
+    (after the script's `set_defaults`), unless the help already says "default:" (flags whose default
+    is a rule rather than a value). A help says what an unset flag means as "unset: ...", so that a
+    script giving the flag a value still shows it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default is argparse.SUPPRESS
+                or "default:" in text or "%(default)" in text):
+            return text
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
+
+
 # --------------------------------------------------------------------------- flag groups
 
 
@@ -90,6 +104,22 @@ def add_run_args(group: argparse._ActionsContainer, dry_run_help: str) -> None:
     group.add_argument("--dist-timeout", "--dist_timeout", dest="dist_timeout", type=float, default=300.0,
                        help="under torchrun: seconds a process waits for the others (set-up, each exchange) "
                             "before the run fails")
+
+
+def add_view_args(group: argparse._ActionsContainer) -> None:
+    """Live views of any run (views.py): Visdom curves (and a sequence task's memory heatmaps), TensorBoard."""
+    group.add_argument("--visdom", dest="visdom", action="store_true",
+                       help="draw the loss curves live in a running Visdom server (python -m visdom.server)")
+    group.add_argument("--visdom-server", "--visdom_server", dest="visdom_server", default="localhost",
+                       help="the Visdom server's address")
+    group.add_argument("--visdom-port", "--visdom_port", dest="visdom_port", type=int, default=8097,
+                       help="the Visdom server's port")
+    group.add_argument("--visdom-env", "--visdom_env", dest="visdom_env", default=None,
+                       help="the Visdom environment (default: the run folder's name, one per run; name a shared one "
+                            "to see several runs' curves together)")
+    group.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                       help="also write every logged number as TensorBoard scalars into DIR/<run folder name> "
+                            "(a bare --tensorboard: the run folder's tensorboard/); needs pip install tensorboard")
 
 
 def add_update_args(group: argparse._ActionsContainer, optimizers: tuple[str, ...], evaluation: str) -> None:
@@ -124,7 +154,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval_batch_size", "--eval-batch-size", dest="eval_batch_size", type=int, default=10,
                        help="batch size for validation")
     group.add_argument("--test_batch_size", "--test-batch-size", dest="test_batch_size", type=int, default=None,
-                       help="batch size for the test set (default: --eval_batch_size)")
+                       help="batch size for the test set (unset: --eval_batch_size)")
     group.add_argument("--bptt", type=int, default=35, help="truncated-BPTT window length")
     add_update_args(group, optimizers=("sgd", "adam"), evaluation="epochs without validation improvement")
     parser.set_defaults(optimizer="sgd", lr=20.0, clip=0.25, patience=5, plateau_threshold=0.0)
@@ -133,6 +163,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                        help="batches between log lines (losses are read from the device only then)")
     group.add_argument("--save-interval", "--save_interval", dest="save_interval", type=int, default=0,
                        help="also write a resumable checkpoint every this many batches (0: at epoch ends only)")
+    add_view_args(group)
 
 
 def add_lm_training_args(parser: argparse.ArgumentParser) -> None:
@@ -162,7 +193,7 @@ def add_lm_training_args(parser: argparse.ArgumentParser) -> None:
 
 def lm_parser(description: str | None) -> argparse.ArgumentParser:
     """A parser with every flag of the language-model scripts; each script then sets its paper's defaults."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_common_args(parser)
     add_lm_training_args(parser)
     models.add_lm_args(parser)
@@ -189,6 +220,7 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
                        help="iterations between training log lines (losses are read from the device only then)")
     group.add_argument("--check-freq", "--check_freq", dest="check_freq", type=int, default=500,
                        help="iterations between test-set evaluations and checkpoints")
+    add_view_args(group)
 
 
 def add_task_model_args(parser: argparse.ArgumentParser, default_mlp_sizes: list[int] | None = None) -> None:
@@ -204,7 +236,7 @@ def add_task_model_args(parser: argparse.ArgumentParser, default_mlp_sizes: list
 
 def task_parser(description: str | None, default_mlp_sizes: list[int] | None = None) -> argparse.ArgumentParser:
     """A parser with the task loop's flags and every core's; the script adds its task's flags and defaults."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_task_args(parser)
     add_task_model_args(parser, default_mlp_sizes)
     return parser
@@ -268,19 +300,19 @@ def sequence_task_parser(description: str | None) -> argparse.ArgumentParser:
     # The published -cuda takes a GPU id; it replaces the run flags' plain --cuda switch.
     cuda = parser.add_argument_group("device", conflict_handler="resolve")
     cuda.add_argument("-cuda", "--cuda", dest="cuda", type=int, nargs="?", const=0, default=None, metavar="GPU",
-                      help="GPU id as published (-1: CPU; a bare --cuda: GPU 0); default: --device")
-    group = parser.add_argument_group("pictures", "memory heatmaps every -summarize_freq iterations: always PNG "
-                                      "files in the run folder's pictures/, with -visdom also a Visdom server")
-    group.add_argument("-visdom", "--visdom", dest="visdom", action="store_true",
-                       help="draw the heatmaps and the loss curve in a running Visdom server")
-    group.add_argument("--visdom-server", "--visdom_server", dest="visdom_server", default="localhost",
-                       help="the Visdom server's address")
-    group.add_argument("--visdom-port", "--visdom_port", dest="visdom_port", type=int, default=8097,
-                       help="the Visdom server's port")
-    group.add_argument("--visdom-env", "--visdom_env", dest="visdom_env", default=None,
-                       help="the Visdom environment (default: the script's name)")
+                      help="the GPU to run on, a number as published: -cuda 0 is GPU 0, -cuda -1 the CPU, a bare "
+                           "-cuda GPU 0 (the language-model scripts' --cuda is a plain switch; default: --device)")
+    add_alias(parser, "--visdom", "-visdom")
+    parser._option_string_actions["--visdom"].help = (
+        "draw the memory heatmaps and the loss and test curves live in a running Visdom server (the heatmaps "
+        "also go to the run folder's pictures/ as PNG files every -summarize_freq iterations, with or without it)")
     for flag, aliases in PUBLISHED_ALIASES.items():
         add_alias(parser, flag, *aliases)
+    # Here the published -dropout / --dropout name --dropouth; say so, since the LM scripts' --dropout differs.
+    parser._option_string_actions["--dropouth"].help = (
+        "dropout between the recurrent layers of the controller (or core); -dropout and --dropout are its "
+        "published spellings here, unlike the language-model scripts' --dropout (output dropout)")
+    parser._option_string_actions["--model"].help += " (default: the one -memory_type picks)"
     parser.set_defaults(**PUBLISHED_DEFAULTS)
     return parser
 
@@ -326,6 +358,8 @@ def check_update_args(args: argparse.Namespace) -> None:
     if not 0 < args.lr_decay <= 1:
         raise UserInputError(f"--lr-decay must be in (0, 1] (1 turns the plateau schedule off), got {args.lr_decay}")
     distributed.share(args.batch_size, "--batch_size")
+    if not 0 < args.visdom_port < 65536:
+        raise UserInputError(f"--visdom-port must be a port number (1-65535), got {args.visdom_port}")
 
 
 def check_lm_args(args: argparse.Namespace) -> None:
@@ -376,8 +410,6 @@ def check_sequence_args(args: argparse.Namespace) -> None:
              prefix="-")
     if args.generalisation_lengths is not None and min(args.generalisation_lengths) < 1:
         raise UserInputError(f"--generalisation-lengths must be positive, got {args.generalisation_lengths}")
-    if not 0 < args.visdom_port < 65536:
-        raise UserInputError(f"--visdom-port must be a port number (1-65535), got {args.visdom_port}")
 
 
 # --------------------------------------------------------------------------- devices and the command line

@@ -29,7 +29,7 @@ from errors import UserInputError
 from models.core import detach_state, state_from_tensors, state_tensors
 from training.checkpoint import load_checkpoint, numpy_state, set_numpy_state
 from training.flags import Flags, FromArgs, check_lm_args, check_softmax_args
-from training.loop import LoopOptions, LoopState, Trainer, announce, prepare
+from training.loop import LoopOptions, LoopState, Trainer, announce, open_views, prepare
 from training.run import Run, seed_everything, seed_rank
 
 
@@ -424,6 +424,7 @@ def _train_language_model(args: argparse.Namespace, script: str, config_fn: Conf
     """`run_language_model` inside the process group (a function of its own, so the trainer is freed first)."""
     seed_everything(args.seed)
     corpus = Corpus(args.data)
+    views = open_views(args)
     if checkpoint is not None:
         check_vocabulary(checkpoint, corpus, args.data)
         model, _ = load_checkpoint(checkpoint["path"], device, kind="LanguageModel")
@@ -454,6 +455,7 @@ def _train_language_model(args: argparse.Namespace, script: str, config_fn: Conf
             run.print(f"| fine-tuning {finetune_from} with averaged SGD from valid ppl {perplexity(start_loss):.2f}")
             run.log("valid", epoch=0, step=0, loss=start_loss, ppl=perplexity(start_loss), asgd=False)
         announce(trainer, checkpoint, f"{model.config.core} language model, vocabulary {len(corpus.dictionary):,}")
+        views.start(run)
     results = {"run_dir": str(run.path), **trainer.fit()}
     if getattr(args, "onnx_export", "") and run.main:
         best = run.path / "best.pt"

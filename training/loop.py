@@ -54,12 +54,13 @@ from torch import nn
 from tqdm import tqdm
 
 import distributed
-from errors import TrainingError
+from errors import TrainingError, UserInputError
 from models.core import Core
 from training.checkpoint import (PREVIOUS, RESUMABLE, SaveFailed, open_resume, rng_state, save_checkpoint,
                                  set_rng_state)
 from training.flags import Flags, FromArgs, public_args, resolve_device
 from training.run import STOP_REQUESTS, Run, StopSignals, keep_freed_memory, seed_rank
+from views import ViewUnavailable, VisdomBoard, Views
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop,
               "asgd": torch.optim.ASGD}
@@ -601,6 +602,21 @@ def prepare(flags: Flags, kind: str, check: Callable[[argparse.Namespace], None]
     if args.threads:
         torch.set_num_threads(args.threads)
     return args, checkpoint, distributed.device(resolve_device(args))
+
+
+def open_views(args: argparse.Namespace, board: VisdomBoard | None = None) -> Views:
+    """What --visdom and --tensorboard ask for, checked before the run folder is made (on rank 0; the
+    other ranks get none): a missing package or an unreachable server is a one-line error.
+
+    Args:
+        board: a Visdom connection made already (a sequence task's memory pictures), to share.
+    """
+    if not distributed.is_main():
+        return Views()
+    try:
+        return Views.from_args(args, board)
+    except ViewUnavailable as error:
+        raise UserInputError(str(error)) from None
 
 
 def announce(trainer: Trainer, checkpoint: dict | None, what: str) -> None:

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -93,6 +93,8 @@ class Run:
     Opening one (new or resumed) checks that the folder can be written, with a one-line error if not,
     and removes temporary files a process killed mid-save left there. Under torchrun only rank 0
     prints and writes; on the other ranks the same calls do nothing.
+    Listeners (`add_listener`: the live views of views.py) receive each logged event after it is
+    written; one that fails with an OSError (its server went away) is dropped with a line saying so.
     """
 
     def __init__(self, path: Path, created: bool = False):
@@ -110,6 +112,7 @@ class Run:
             remove_stale_temporaries(self.path)
         self.log_path = self.path / "log.jsonl"
         self.bar: tqdm | None = None
+        self.listeners: list[Callable[[str, dict], None]] = []
 
     @classmethod
     def create(cls, args: argparse.Namespace, script: str) -> "Run":
@@ -181,6 +184,17 @@ class Run:
         except OSError as error:
             raise TrainingError(f"could not write {self.log_path}: {write_error_reason(error)}; free some space "
                                 f"(or make the folder writable), then continue with --resume {self.path}") from None
+        for listener in list(self.listeners):
+            try:
+                listener(event, record)
+            except OSError as error:  # a viewer going away must not end the training run
+                self.listeners.remove(listener)
+                self.print(f"| {type(listener).__name__}: stopped ({error}); log.jsonl has every event")
+
+    def add_listener(self, listener: Callable[[str, dict], None]) -> None:
+        """Call `listener(event, record)` after each logged event (on rank 0)."""
+        if self.main:
+            self.listeners.append(listener)
 
     def log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0

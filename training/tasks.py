@@ -45,8 +45,9 @@ from tasks.protocol import SequenceTask, Task
 from training.checkpoint import check_task, load_checkpoint
 from training.flags import (Flags, FromArgs, check_sequence_args, check_task_args,
                             default_generalisation_lengths)
-from training.loop import LoopOptions, LoopState, Trainer, announce, prepare
+from training.loop import LoopOptions, LoopState, Trainer, announce, open_views, prepare
 from training.run import Run, seed_everything, seed_rank
+from views import Views
 
 TASK_MODELS = {"TaskModel": TaskModel, "SequenceModel": SequenceModel}  # by the kind their checkpoints name
 
@@ -223,7 +224,8 @@ class SequenceTaskTrainer(TaskTrainer):
     Args (beyond `TaskTrainer`'s):
         curriculum: the length curriculum (its state is saved in checkpoints).
         pictures: called on rank 0 after each training log line as
-            `pictures(step, loss, model, batch, run)` with the latest training batch; or None.
+            `pictures(step, loss, model, batch, run)` with the test set's last batch (whose last example
+            is the longest: a fixed example to draw); or None.
     """
 
     state_class = SequenceState
@@ -345,7 +347,7 @@ class SequenceTaskTrainer(TaskTrainer):
 
     def after_log(self, loss: float) -> None:
         if self.pictures is not None and self.run.main:
-            self.pictures(self.state.step, loss, self.model, self.last_batch, self.run)
+            self.pictures(self.state.step, loss, self.model, self.test_batches[-1], self.run)
 
 
 # --------------------------------------------------------------------------- entry points for task scripts
@@ -423,12 +425,14 @@ def _train_task(args: argparse.Namespace, script: str, make_task: Callable[[argp
                 checkpoint: dict | None, device: torch.device) -> dict:
     """`run_task` inside the process group (a function of its own, so the trainer is freed before the group)."""
     task, config = build_task(args, make_task, checkpoint)
+    views = open_views(args)
     model, run = open_run(args, script, "TaskModel", config, checkpoint, device)
     with run.setting_up():
         seed_rank(args.seed)
         trainer = TaskTrainer(model, task, LoopOptions.from_args(args), TaskOptions.from_args(args), device, run,
                               args, script)
         announce(trainer, checkpoint, f"{model.config.core} {type(model).__name__}")
+        views.start(run, metric="accuracy")
     result = {"run_dir": str(run.path), **trainer.fit()}
     if result["stopped"] == "terminate":  # leave at once; the checkpoint is saved
         return result
@@ -474,12 +478,14 @@ def run_sequence_task(flags: Flags, script: str, make_task: Callable[[argparse.N
             callback = pictures(args, script)
         except RuntimeError as error:  # e.g. visualize.VisdomUnavailable: no package or no server
             raise UserInputError(str(error)) from None
+    views = open_views(args, getattr(callback, "board", None))
     with distributed.session(device, args.dist_timeout):
-        return _train_sequence_task(args, script, task, config, curriculum, callback, checkpoint, device)
+        return _train_sequence_task(args, script, task, config, curriculum, callback, views, checkpoint, device)
 
 
 def _train_sequence_task(args: argparse.Namespace, script: str, task: SequenceTask, config: TaskModelConfig | None,
-                         curriculum: Curriculum, pictures: Any, checkpoint: dict | None, device: torch.device) -> dict:
+                         curriculum: Curriculum, pictures: Any, views: Views, checkpoint: dict | None,
+                         device: torch.device) -> dict:
     """`run_sequence_task` inside the process group (a function of its own, so the trainer is freed
     before the group)."""
     model, run = open_run(args, script, "SequenceModel", config, checkpoint, device)
@@ -488,6 +494,7 @@ def _train_sequence_task(args: argparse.Namespace, script: str, task: SequenceTa
         trainer = SequenceTaskTrainer(model, task, LoopOptions.from_args(args), TaskOptions.from_args(args), device,
                                       run, args, script, curriculum, pictures)
         announce(trainer, checkpoint, f"{model.config.core} {type(model).__name__}")
+        views.start(run, metric=task.metric)
     result = {"run_dir": str(run.path), **trainer.fit()}
     if result["stopped"] == "terminate":
         return result

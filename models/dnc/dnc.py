@@ -494,17 +494,18 @@ class MemoryController(Core):
         add_stack_args(group)  # --nhid: the controller's hidden size
         add_argument_once(group, "-nhid", dest="nhid", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         add_argument_once(group, "-rnn_type", "--rnn_type", "--rnn-type", dest="rnn_type", type=str.lower,
-                          choices=RNN_TYPES, default="lstm", help="DNC: the controller's recurrent layers")
+                          choices=RNN_TYPES, default="lstm", help="DNC/SAM/SDNC: the controller's recurrent layers")
         add_argument_once(group, "-nlayer", "--nlayer", dest="nlayer", type=int, default=1,
-                          help="DNC: controller layers, each with its memory access")
+                          help="DNC/SAM/SDNC: controller layers, each with its own memory access (the other cores' "
+                               "depth is --nlayers)")
         add_argument_once(group, "-nhlayer", "--nhlayer", dest="nhlayer", type=int, default=2,
-                          help="DNC: recurrent layers inside each controller layer")
+                          help="DNC/SAM/SDNC: recurrent layers inside each controller layer")
         add_argument_once(group, "-mem_slot", "--mem_slot", "--mem-slot", dest="mem_slot", type=int, default=16,
-                          help="DNC: number of memory cells (nr_cells)")
+                          help="DNC/SAM/SDNC: number of memory cells (nr_cells; the RMC's slots are --memslots)")
         add_argument_once(group, "-mem_size", "--mem_size", "--mem-size", dest="mem_size", type=int, default=20,
-                          help="DNC: size of each memory cell (cell_size)")
+                          help="DNC/SAM/SDNC: size of each memory cell (cell_size)")
         add_argument_once(group, "-read_heads", "--read_heads", "--read-heads", dest="read_heads", type=int,
-                          default=4, help="DNC: number of read heads")
+                          default=4, help="DNC/SAM/SDNC: number of read heads")
         add_argument_once(group, "-sparse_reads", "--sparse_reads", "--sparse-reads", dest="sparse_reads", type=int,
                           default=10, help="SAM/SDNC: rows read per read head (K)")
         add_argument_once(group, "-temporal_reads", "--temporal_reads", "--temporal-reads", dest="temporal_reads",

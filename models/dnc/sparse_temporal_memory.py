@@ -154,12 +154,14 @@ class SparseTemporalMemory(SparseMemory):
 
     def debug_view(self, ctx: SparseTemporalMemoryContext) -> dict[str, Tensor]:
         """SAM's view plus link_matrix [N, L] (the values of each row's entries), rev_link_matrix [N, L]
-        (each column's) and precedence [N], of batch element 0 after the latest step."""
+        (each column's), link_index / rev_link_index [N, L] (the columns / rows those entries are at) and
+        precedence [N], of batch element 0 after the latest step."""
         view = super().debug_view(ctx)
         with torch.no_grad():
             precedence = ctx.precedence.new_zeros(self.nr_cells)
             precedence.scatter_add_(0, ctx.precedence_index[0], ctx.precedence[0].detach())
             view.update({"link_matrix": ctx.link_value.dense(0), "rev_link_matrix": ctx.rev_link_value.dense(0),
+                         "link_index": ctx.link_index.dense(0), "rev_link_index": ctx.rev_link_index.dense(0),
                          "precedence": precedence})
         return view
 
