@@ -107,15 +107,18 @@ class SplitSoftmax(nn.Module):
 
         The head softmax runs over every token, with a tail word's target replaced by its
         cluster's tombstone; each tail cluster's softmax runs only over the tokens whose target
-        is in it (selecting them reads their count on the host, as the adaptive softmax does).
+        is in it. Grouping them reads the clusters' token counts on the host, once per call
+        (the adaptive softmax reads them once per cluster).
         """
         if not self.cutoffs:
             return -F.cross_entropy(F.linear(features, weight, bias), targets, reduction="none")
         cluster = torch.bucketize(targets, self.cutoff_tensor, right=True)  # [N], 0 = head, k = tail cluster k
         head_targets = torch.where(cluster > 0, self.head_size + cluster - 1, targets)  # tombstone k at C + k - 1
         out = -F.cross_entropy(self.head_logits(weight, bias, features), head_targets, reduction="none")
+        counts = torch.bincount(cluster, minlength=len(self.bounds) - 1).tolist()  # [K + 1] on the host
+        groups = torch.argsort(cluster, stable=True).split(counts)  # token indices, cluster by cluster
         for index in range(1, len(self.bounds) - 1):
-            rows = (cluster == index).nonzero().squeeze(1)  # [N_k]
+            rows = groups[index]  # [N_k]
             if rows.numel() == 0:
                 continue
             logits = self.tail_logits(weight, bias, features.index_select(0, rows), index)  # [N_k, c_k+1 - c_k]

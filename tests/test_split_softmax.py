@@ -275,3 +275,17 @@ def test_finetune_pointer_and_generate_take_a_split_softmax_model(corpus_dir, tm
     text = generate.main(["--checkpoint", str(ft_dir), "--words", "30", "--seed", "3", "--prompt", "w1 w2"])
     assert text.startswith("w1 w2 ") and len(text.split()) + text.count("\n") == 32
     assert generate.main(["--checkpoint", str(ft_dir), "--words", "30", "--seed", "3", "--prompt", "w1 w2"]) == text
+
+
+def test_bf16_autocast_gives_a_float32_loss_close_to_fp32():
+    torch.manual_seed(0)
+    model = make_lm(split_softmax=True, cutoffs=[5, 15]).eval()
+    with torch.no_grad():
+        model.split_softmax.tail_vectors.normal_()
+    tokens, targets = torch.randint(V, (6, 3)), torch.linspace(0, V - 1, 18).long().view(6, 3)  # every cluster
+    features, _ = model(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = model(tokens)
+        loss = model.loss(low, targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, model.loss(features, targets), rtol=2e-2, atol=2e-2)
