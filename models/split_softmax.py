@@ -87,19 +87,23 @@ class SplitSoftmax(nn.Module):
         plural = "s" if len(self.cutoffs) > 1 else ""
         return f"split softmax: head {self.head_size:,} words + {len(self.cutoffs)} tail cluster{plural} ({tails})"
 
-    def head_logits(self, weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Logits of the first level: features [N, D] -> [N, C + K] (head words, then the tombstones)."""
-        if not self.cutoffs:
-            return F.linear(features, weight, bias)
-        head_weight = torch.cat([weight[:self.head_size], self.tail_vectors])  # [C + K, D]
-        head_bias = torch.cat([bias[:self.head_size], self.tail_bias])  # [C + K]
-        return F.linear(features, head_weight, head_bias)
+    def clusters(self, weight: torch.Tensor, bias: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The decoder's rows and biases cluster by cluster: [(W_k [c_k+1 - c_k, D], b_k)] for k = 0..K.
 
-    def tail_logits(self, weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor,
-                    cluster: int) -> torch.Tensor:
-        """Logits within tail cluster `cluster` (1..K): features [N, D] -> [N, c_k+1 - c_k]."""
-        start, end = self.bounds[cluster], self.bounds[cluster + 1]
-        return F.linear(features, weight[start:end], bias[start:end])
+        One `split` rather than a slice per cluster: its backward writes the decoder's gradient once
+        (a slice's backward builds a zero [V, D] gradient of its own, one per cluster).
+        """
+        sizes = [end - start for start, end in zip(self.bounds, self.bounds[1:])]
+        return list(zip(weight.split(sizes), bias.split(sizes)))
+
+    def head_logits(self, head_weight: torch.Tensor, head_bias: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Logits of the first level: the head's rows [C, D] and biases [C], features [N, D] -> [N, C + K]
+        (the head's words, then the tombstones)."""
+        if not self.cutoffs:
+            return F.linear(features, head_weight, head_bias)
+        weight = torch.cat([head_weight, self.tail_vectors])  # [C + K, D]
+        bias = torch.cat([head_bias, self.tail_bias])  # [C + K]
+        return F.linear(features, weight, bias)
 
     def target_log_probs(self, weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor,
                          targets: torch.Tensor) -> torch.Tensor:
@@ -114,14 +118,15 @@ class SplitSoftmax(nn.Module):
             return -F.cross_entropy(F.linear(features, weight, bias), targets, reduction="none")
         cluster = torch.bucketize(targets, self.cutoff_tensor, right=True)  # [N], 0 = head, k = tail cluster k
         head_targets = torch.where(cluster > 0, self.head_size + cluster - 1, targets)  # tombstone k at C + k - 1
-        out = -F.cross_entropy(self.head_logits(weight, bias, features), head_targets, reduction="none")
+        clusters = self.clusters(weight, bias)
+        out = -F.cross_entropy(self.head_logits(*clusters[0], features), head_targets, reduction="none")
         counts = torch.bincount(cluster, minlength=len(self.bounds) - 1).tolist()  # [K + 1] on the host
         groups = torch.argsort(cluster, stable=True).split(counts)  # token indices, cluster by cluster
         for index in range(1, len(self.bounds) - 1):
             rows = groups[index]  # [N_k]
             if rows.numel() == 0:
                 continue
-            logits = self.tail_logits(weight, bias, features.index_select(0, rows), index)  # [N_k, c_k+1 - c_k]
+            logits = F.linear(features.index_select(0, rows), *clusters[index])  # [N_k, c_k+1 - c_k]
             within = targets.index_select(0, rows) - self.bounds[index]
             tail = -F.cross_entropy(logits, within, reduction="none")
             out = out.index_add(0, rows, tail)
@@ -137,11 +142,12 @@ class SplitSoftmax(nn.Module):
 
     def log_probs(self, weight: torch.Tensor, bias: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of every word: features [N, D] -> [N, V]."""
-        head = F.log_softmax(self.head_logits(weight, bias, features), dim=-1)  # [N, C + K]
+        clusters = self.clusters(weight, bias)
+        head = F.log_softmax(self.head_logits(*clusters[0], features), dim=-1)  # [N, C + K]
         parts = [head[:, :self.head_size]]
         for index in range(1, len(self.bounds) - 1):
             tombstone = head[:, self.head_size + index - 1].unsqueeze(1)  # [N, 1]
-            parts.append(tombstone + F.log_softmax(self.tail_logits(weight, bias, features, index), dim=-1))
+            parts.append(tombstone + F.log_softmax(F.linear(features, *clusters[index]), dim=-1))
         return torch.cat(parts, dim=-1)
 
 
