@@ -289,3 +289,15 @@ def test_bf16_autocast_gives_a_float32_loss_close_to_fp32():
         loss = model.loss(low, targets)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, model.loss(features, targets), rtol=2e-2, atol=2e-2)
+
+
+def test_two_processes_train_a_split_softmax_model_as_one_does(corpus_dir, tmp_path):
+    """torchrun: each rank's tokens reach other tail clusters; DDP still averages to the one-process update."""
+    from tests.test_distributed import RNN_FLAGS, assert_close_checkpoints, assert_same_evaluation, torchrun
+
+    flags = ["--data", str(corpus_dir), *RNN_FLAGS, *SPLIT]
+    train_rnn.main([*flags, "--run-dir", str(tmp_path / "one")])
+    torchrun("train_rnn.py", *flags, "--run-dir", str(tmp_path / "two"))
+    one, _ = assert_close_checkpoints(tmp_path / "one", tmp_path / "two")
+    assert "split_softmax.tail_vectors" in one["model"]
+    assert_same_evaluation(tmp_path / "one", tmp_path / "two")
