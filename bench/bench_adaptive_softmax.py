@@ -11,8 +11,8 @@ LM script trains with), so the figures are those users get:
    head main.py chooses for this vocabulary) with cutoffs [2800, 20000, 76000]: its decoder is the
    embedding, so its head parameters are the embedding's plus 3 tombstones. PyTorch's
    `nn.AdaptiveLogSoftmaxWithLoss` called directly is timed beside ours, to show the model's head
-   adds nothing. Targets follow a Zipf law over the
-   frequency-sorted vocabulary (s = 1, as in natural text: most tokens fall in the head cluster);
+   adds nothing. Targets follow a Zipf law over the frequency-sorted vocabulary (s = 1, as in
+   natural text: most tokens fall in the head cluster);
    `--targets uniform` gives the worst case for the adaptive softmax. Memory: the head's parameters
    and the bytes autograd saves for the backward pass (unique storages, counted with
    `torch.autograd.graph.saved_tensors_hooks`); "beyond the embedding" leaves out a weight tied to
@@ -194,10 +194,11 @@ def speed_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     full_ms = statistics.median(times["full softmax"]) * 1000
 
-    def time_vs_adaptive(name: str, cutoffs: list[int] | None, ms: float) -> float | str:
+    def time_vs_adaptive(cutoffs: list[int] | None, ms: float) -> float | str:
         """Time over that of our adaptive softmax with the same cutoffs ('' for the full softmax)."""
         adaptive = f"adaptive {cutoffs}"
         return round(ms / (statistics.median(times[adaptive]) * 1000), 2) if adaptive in times else ""
+
     for name, variant in variants.items():
         model = variant["model"]
         counter = SavedBytes()
@@ -215,7 +216,7 @@ def speed_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
             "head": name,
             "ms": round(ms, 2),
             "speedup_vs_full": round(full_ms / ms, 2),
-            "time_vs_adaptive": time_vs_adaptive(name, variant["cutoffs"], ms),
+            "time_vs_adaptive": time_vs_adaptive(variant["cutoffs"], ms),
             "parameters_mib": mib(parameters),
             "beyond_embedding_mib": mib([p for p in parameters if p is not embedding]),
             "saved_for_backward_mib": round(counter.total / MIB, 2),
