@@ -4,7 +4,7 @@
     python generate_rmc.py --checkpoint best.pt --prompt "the company said"
 
 A run folder means its best.pt (or checkpoint.pt when no epoch has finished). `<eos>`
-is printed as a line break. Works with full and adaptive softmax heads.
+is printed as a line break. Works with full, adaptive and split softmax heads.
 """
 
 import argparse

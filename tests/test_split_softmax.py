@@ -159,7 +159,13 @@ def test_the_only_extra_parameters_are_the_tombstones():
     extra = sum(p.numel() for p in split.parameters()) - sum(p.numel() for p in full.parameters())
     assert extra == 2 * (E + 1)
     assert {"split_softmax.tail_vectors", "split_softmax.tail_bias"} <= set(split.state_dict())
-    assert make_lm(split_softmax=True, cutoffs=[5, 15], tie_weights=False).decoder.weight is not None
+
+
+def test_an_untied_split_softmax_trains_its_own_decoder():
+    model = make_lm(hidden=12, split_softmax=True, cutoffs=[5, 15], tie_weights=False)
+    assert model.decoder.weight is not model.encoder.weight and model.decoder.in_features == 12
+    model.loss(torch.randn(4, 3, 12), torch.randint(15, V, (4, 3))).backward()
+    assert model.encoder.weight.grad is None and (model.decoder.weight.grad[15:].abs().sum(-1) > 0).all()
 
 
 def test_tiny_model_loss_falls():
