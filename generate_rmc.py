@@ -9,7 +9,7 @@ checkpoint, and a given --data is checked against it), `--model` (unused there a
 holds the model) and `--log-interval` (a progress line on stderr every that many words) are accepted.
 
 A run folder means its best.pt (or checkpoint.pt when no epoch has finished). `<eos>`
-is printed as a line break. Works with full and adaptive softmax heads. Without --prompt the
+is printed as a line break. Works with full, adaptive and split softmax heads. Without --prompt the
 text starts from a random word, so --words 5 prints 6 words. The default --seed is fixed: the
 same command prints the same text; give another --seed for other text.
 """

@@ -9,6 +9,11 @@ saved with the averaged weights. `--model GRU` or `--model QRNN` swaps the cell 
 recipe: window 2 in the first layer, DropConnect on each layer's gate matrix); any other
 registered core runs with the same regularisers except weight drop.
 
+The softmax is the reference's split softmax over the tied decoder (`--splitsoftmax`, on by
+default), with the reference's cutoffs for the vocabulary size: one cluster (the full softmax)
+up to 75,000 words, 2800 20000 76000 above (WikiText-103), 4200 35000 180000 above 500,000;
+`--cutoffs` chooses others, `--adaptivesoftmax` replaces it by the untied adaptive softmax.
+
     python main.py --batch_size 20 --data data/penn --dropouti 0.4 --dropouth 0.25 --seed 141 --epochs 500 --save PTB.pt
     python main.py --model QRNN --batch_size 20 --clip 0.2 --wdrop 0.1 --nhid 1550 --nlayers 4 --emsize 400 \
         --dropouth 0.3 --seed 9001 --dropouti 0.4 --epochs 550 --save PTB.pt
@@ -29,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         optimizer="sgd", lr=30.0, clip=0.25, wdecay=1.2e-6, lr_decay=1.0, nonmono=5, variable_bptt=True,
         epochs=8000, batch_size=80, eval_batch_size=10, test_batch_size=1, bptt=70, seed=1111, log_interval=200,
     )
+    # The reference always trains through its SplitCrossEntropyLoss, split by vocabulary size: the full
+    # softmax up to 75,000 words (PTB, WikiText-2), WikiText-103's and One Billion Words' splits above.
+    parser.set_defaults(splitsoftmax=True)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Adaptive softmax against the full softmax: speed and memory at WikiText-103 size, perplexity on PTB.
+"""Adaptive and split softmax against the full softmax: speed and memory at WikiText-103 size, perplexity on PTB.
 
 Two parts, both through the language model's own head (`models.LanguageModel.loss`, the code every
 LM script trains with), so the figures are those users get:
@@ -7,18 +7,23 @@ LM script trains with), so the figures are those users get:
    1,280 tokens per batch (e.g. batch 20 x bptt 64), forward+backward of the loss with respect to
    the head's parameters and the features, one CPU thread by default. Heads: the full softmax
    (linear decoder + cross-entropy) and the adaptive softmax with cutoffs [2800, 20000, 76000] and
-   [20000, 40000, 200000] (div_value 4). PyTorch's `nn.AdaptiveLogSoftmaxWithLoss` called directly is
-   timed beside ours, to show the model's head adds nothing. Targets follow a Zipf law over the
-   frequency-sorted vocabulary (s = 1, as in natural text: most tokens fall in the head cluster);
+   [20000, 40000, 200000] (div_value 4), both untied, and the tied split softmax (AWD-LSTM's, the
+   head main.py chooses for this vocabulary) with cutoffs [2800, 20000, 76000]: its decoder is the
+   embedding, so its head parameters are the embedding's plus 3 tombstones. PyTorch's
+   `nn.AdaptiveLogSoftmaxWithLoss` called directly is timed beside ours, to show the model's head
+   adds nothing. Targets follow a Zipf law over the frequency-sorted vocabulary (s = 1, as in
+   natural text: most tokens fall in the head cluster);
    `--targets uniform` gives the worst case for the adaptive softmax. Memory: the head's parameters
    and the bytes autograd saves for the backward pass (unique storages, counted with
-   `torch.autograd.graph.saved_tensors_hooks`). Variants are interleaved within each round; medians.
+   `torch.autograd.graph.saved_tensors_hooks`); "beyond the embedding" leaves out a weight tied to
+   the embedding, which the model holds anyway. Variants are interleaved within each round; medians.
 2. **Equal-budget perplexity on Penn Treebank** (`--ptb DIR`, skipped with `--no-ptb`): the same
    small LSTM LM (embedding = hidden = 256, one layer, untied so both heads have the same capacity,
    dropout 0.2, Adam 2e-3, clip 0.25, batch 20, bptt 35) trained for the same wall-clock budget
    (`--budget` seconds each, 2 threads by default) with each head, then the validation perplexity
    over the whole validation split. PTB's vocabulary is 10,000 words, so the speed-up there is small:
    this part checks that the adaptive head learns as well per second, not the WikiText-103 speed.
+   The split softmax (cutoffs --ptb-cutoffs) trains the same LSTM tied, as main.py would.
 
     python bench/bench_adaptive_softmax.py --json bench/out/adaptive_softmax.json
     python bench/bench_adaptive_softmax.py --no-ptb --targets uniform
@@ -48,6 +53,7 @@ from training import evaluate  # noqa: E402
 
 MIB = 2**20
 DEFAULT_CUTOFFS = ([2800, 20000, 76000], [20000, 40000, 200000])
+SPLIT_CUTOFFS = [2800, 20000, 76000]  # AWD-LSTM's for a vocabulary above 75,000 words
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,8 +75,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def head_model(vocab: int, features: int, cutoffs: list[int] | None) -> LanguageModel:
-    """A language model whose head is the one measured; its embedding and core are never run here."""
+def head_model(vocab: int, features: int, cutoffs: list[int] | None, split: bool = False) -> LanguageModel:
+    """A language model whose head is the one measured; its embedding and core are never run here.
+
+    The full and adaptive heads are untied; the split softmax is tied, its decoder is the embedding.
+    """
+    if split:
+        return LanguageModel(LMConfig(
+            vocab_size=vocab, core="LSTM", core_config={"input_size": features, "hidden_size": features},
+            emsize=features, dropout=0.0, tie_weights=True, split_softmax=True, cutoffs=list(cutoffs or []),
+        ))
     config = LMConfig(
         vocab_size=vocab, core="LSTM", core_config={"input_size": 1, "hidden_size": features},
         emsize=1, dropout=0.0, tie_weights=False, adaptive_softmax=cutoffs is not None,
@@ -82,8 +96,25 @@ def head_model(vocab: int, features: int, cutoffs: list[int] | None) -> Language
 
 
 def head_parameters(model: LanguageModel) -> list[nn.Parameter]:
+    if model.split_softmax is not None:
+        return [*model.decoder.parameters(), *model.split_softmax.parameters()]
     head = model.adaptive if model.adaptive is not None else model.decoder
     return list(head.parameters())
+
+
+def mib(parameters: list[nn.Parameter]) -> float:
+    return round(sum(p.numel() * p.element_size() for p in parameters) / MIB, 1)
+
+
+def check_split_head(name: str, model: LanguageModel, features: torch.Tensor, targets: torch.Tensor) -> None:
+    """On a few tokens: the split head's log-probabilities normalise, and its loss is their mean at the targets."""
+    with torch.no_grad():
+        log_probs = model.log_probs(features[:16])  # [16, 1, V]
+        worst = (torch.logsumexp(log_probs, dim=-1)).abs().max().item()
+        expected = -log_probs.gather(-1, targets[:16].unsqueeze(-1)).mean().item()
+        loss = model.loss(features[:16], targets[:16]).item()
+    if worst > 1e-4 or abs(loss - expected) > 1e-4 * max(1.0, abs(expected)):
+        raise SystemExit(f"{name}: log-probabilities sum to exp({worst:.2g}) or loss {loss} differs from {expected}")
 
 
 def draw_targets(vocab: int, tokens: int, kind: str, generator: torch.Generator) -> torch.Tensor:
@@ -124,6 +155,10 @@ def speed_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
         model = head_model(args.vocab, args.features, cutoffs).to(device)
         variants[f"adaptive {cutoffs}"] = {"model": model, "cutoffs": cutoffs, "impl": "ours"}
         variants[f"adaptive {cutoffs} (torch module)"] = {"model": model, "cutoffs": cutoffs, "impl": "torch"}
+    if SPLIT_CUTOFFS[-1] < args.vocab:
+        torch.manual_seed(0)
+        model = head_model(args.vocab, args.features, SPLIT_CUTOFFS, split=True).to(device)
+        variants[f"split {SPLIT_CUTOFFS} (tied)"] = {"model": model, "cutoffs": SPLIT_CUTOFFS, "impl": "ours"}
 
     def run(variant: dict) -> None:
         model: LanguageModel = variant["model"]
@@ -143,6 +178,8 @@ def speed_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
             theirs = model.adaptive(features.view(-1, args.features), targets.view(-1)).loss.item()
             if abs(ours - theirs) > 1e-4 * max(1.0, abs(theirs)):
                 raise SystemExit(f"{name}: loss {theirs} differs from the model's head {ours}")
+        elif variant["model"].split_softmax is not None:
+            check_split_head(name, variant["model"], features, targets)
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(args.warmup + args.repeats):
@@ -156,6 +193,12 @@ def speed_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
     rows = []
     full_ms = statistics.median(times["full softmax"]) * 1000
+
+    def time_vs_adaptive(cutoffs: list[int] | None, ms: float) -> float | str:
+        """Time over that of our adaptive softmax with the same cutoffs ('' for the full softmax)."""
+        adaptive = f"adaptive {cutoffs}"
+        return round(ms / (statistics.median(times[adaptive]) * 1000), 2) if adaptive in times else ""
+
     for name, variant in variants.items():
         model = variant["model"]
         counter = SavedBytes()
@@ -167,11 +210,15 @@ def speed_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 loss = model.adaptive(x.view(-1, args.features), targets.view(-1)).loss
         del loss
         ms = statistics.median(times[name]) * 1000
+        parameters = head_parameters(model)
+        embedding = model.encoder.weight
         rows.append({
             "head": name,
             "ms": round(ms, 2),
             "speedup_vs_full": round(full_ms / ms, 2),
-            "parameters_mib": round(sum(p.numel() * p.element_size() for p in head_parameters(model)) / MIB, 1),
+            "time_vs_adaptive": time_vs_adaptive(variant["cutoffs"], ms),
+            "parameters_mib": mib(parameters),
+            "beyond_embedding_mib": mib([p for p in parameters if p is not embedding]),
             "saved_for_backward_mib": round(counter.total / MIB, 2),
         })
     return rows
@@ -205,20 +252,22 @@ class BudgetTrainer:
 
 
 def ptb_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Both heads trained in alternating slices of 5 s until each has had `--budget` seconds (fair under load)."""
+    """The heads trained in alternating slices of 5 s until each has had `--budget` seconds (fair under load)."""
     torch.set_num_threads(args.ptb_threads)
     corpus = Corpus(args.ptb)
     train = batchify(corpus.train, 20, device, "train")
     valid = batchify(corpus.valid, 10, device, "valid")
     trainers = {}
-    for cutoffs in (None, args.ptb_cutoffs):
+    heads = [("full softmax", None, False), (f"adaptive {args.ptb_cutoffs}", args.ptb_cutoffs, False),
+             (f"split {args.ptb_cutoffs} (tied)", args.ptb_cutoffs, True)]
+    for name, cutoffs, split in heads:
         torch.manual_seed(0)
         model = LanguageModel(LMConfig(
             vocab_size=len(corpus.dictionary), core="LSTM", core_config={"input_size": 256, "hidden_size": 256},
-            emsize=256, dropout=0.2, tie_weights=False, adaptive_softmax=cutoffs is not None,
-            cutoffs=list(cutoffs or []),
+            emsize=256, dropout=0.2, tie_weights=split, adaptive_softmax=cutoffs is not None and not split,
+            split_softmax=split, cutoffs=list(cutoffs or []),
         )).to(device)
-        trainers["full softmax" if cutoffs is None else f"adaptive {cutoffs}"] = BudgetTrainer(model, train, bptt=35)
+        trainers[name] = BudgetTrainer(model, train, bptt=35)
     while any(trainer.seconds < args.budget for trainer in trainers.values()):
         for trainer in trainers.values():
             if trainer.seconds < args.budget:
@@ -230,6 +279,7 @@ def ptb_part(args: argparse.Namespace, device: torch.device) -> list[dict]:
         rows.append({
             "head": name, "seconds": round(trainer.seconds, 1), "steps": trainer.steps,
             "tokens_per_s": round(trainer.steps * 35 * train.size(1) / trainer.seconds),
+            "parameters": sum(p.numel() for p in trainer.model.parameters()),
             "valid_ppl": round(math.exp(valid_loss), 2),
         })
     return rows

@@ -9,11 +9,12 @@ embedding. `dropouti` is the dropout on the embeddings (default: `dropout`).
 
 The head is a full softmax (`nn.Linear` decoder, optionally tied to the embedding) or an
 adaptive softmax (`nn.AdaptiveLogSoftmaxWithLoss`, Grave et al. 2016), owned by the model
-so it is optimised and saved with it. When weights are tied and the core's output width
-differs from the embedding width, a linear projection maps one onto the other; with
-`projection_size` set, a projection to that width is always there (the seed project's RMC LM
-projects its 768-wide output to the embedding size before any head, its LSTM LM puts a
-Linear(nhid, nhid) before its adaptive softmax).
+so it is optimised and saved with it; or AWD-LSTM's split softmax (`models/split_softmax.py`),
+a two-level softmax over the full-softmax decoder's own rows, so it keeps the tied embedding.
+When weights are tied and the core's output width differs from the embedding width, a linear
+projection maps one onto the other; with `projection_size` set, a projection to that width is
+always there (the seed project's RMC LM projects its 768-wide output to the embedding size before
+any head, its LSTM LM puts a Linear(nhid, nhid) before its adaptive softmax).
 
 Shapes: `T` time steps, `B` batch, `E` embedding size, `D` feature size at the head
 (E when tied, else the core's output size), `V` vocabulary size, `N` tokens.
@@ -31,6 +32,7 @@ from torch import nn
 
 from models.core import CORES, State, build_core, get_core_class
 from models.regularizers import embedding_dropout, locked_dropout
+from models.split_softmax import SplitSoftmax, default_splits
 
 
 @dataclasses.dataclass
@@ -49,6 +51,7 @@ class LMConfig:
     div_value: float = 4.0
     projection_size: int | None = None  # always project the core's output to this width; None: only when tying needs it
     dropout_after_projection: bool = False  # the output dropout after the projection (seed RMC) instead of before
+    split_softmax: bool = False  # AWD-LSTM's split softmax over the decoder; no cutoffs: AWD's for the vocabulary
 
     def __post_init__(self) -> None:
         self.cutoffs = list(self.cutoffs)
@@ -70,6 +73,13 @@ class LMConfig:
             if self.tie_weights and self.projection_size != self.emsize:
                 raise ValueError(f"a tied decoder needs the projection to the embedding size {self.emsize}, "
                                  f"got projection_size {self.projection_size}")
+        if self.split_softmax:
+            if self.adaptive_softmax:
+                raise ValueError("--adaptivesoftmax and --splitsoftmax are two different heads; choose one")
+            if self.cutoffs:
+                check_cutoffs(self.cutoffs, self.vocab_size)
+            else:
+                self.cutoffs = default_splits(self.vocab_size)
 
 
 def check_cutoffs(cutoffs: list[int], vocab_size: int) -> None:
@@ -86,7 +96,7 @@ def check_cutoffs(cutoffs: list[int], vocab_size: int) -> None:
 
 
 class LanguageModel(nn.Module):
-    """Embedding, any registered core, and a full or adaptive softmax head."""
+    """Embedding, any registered core, and a full, adaptive or split softmax head."""
 
     def __init__(self, config: LMConfig):
         super().__init__()
@@ -114,6 +124,9 @@ class LanguageModel(nn.Module):
         else:
             self.adaptive = None
             self.decoder = nn.Linear(features, config.vocab_size)
+        # the split softmax computes its logits from the decoder's weight and bias (tied or not)
+        self.split_softmax = (SplitSoftmax(features, config.vocab_size, config.cutoffs) if config.split_softmax
+                              else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -164,6 +177,10 @@ class LanguageModel(nn.Module):
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Negative log-likelihood of `targets` [T, B] under `features` [T, B, D] ('mean' or 'sum')."""
+        if self.split_softmax is not None:
+            flat = features.reshape(-1, features.size(-1))  # [T, B, D] -> [N, D]
+            return self.split_softmax.loss(self.decoder.weight, self.decoder.bias, flat, targets.reshape(-1),
+                                           reduction)
         if self.adaptive is None:
             flat = features.reshape(-1, features.size(-1))  # [T, B, D] -> [N, D]
             return F.cross_entropy(self.decoder(flat), targets.reshape(-1), reduction=reduction)
@@ -174,7 +191,9 @@ class LanguageModel(nn.Module):
         """Log-probability of each target word: features [..., D], targets [...] -> [...]."""
         flat = features.reshape(-1, features.size(-1))  # [..., D] -> [N, D]
         flat_targets = targets.reshape(-1)  # [...] -> [N]
-        if self.adaptive is None:
+        if self.split_softmax is not None:
+            out = self.split_softmax.target_log_probs(self.decoder.weight, self.decoder.bias, flat, flat_targets)
+        elif self.adaptive is None:
             out = -F.cross_entropy(self.decoder(flat), flat_targets, reduction="none")
         else:
             out = self.adaptive(flat, flat_targets).output
@@ -183,7 +202,9 @@ class LanguageModel(nn.Module):
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of every word: [..., D] -> [..., V]."""
         flat = features.reshape(-1, features.size(-1))  # [..., D] -> [N, D]
-        if self.adaptive is None:
+        if self.split_softmax is not None:
+            out = self.split_softmax.log_probs(self.decoder.weight, self.decoder.bias, flat)
+        elif self.adaptive is None:
             out = F.log_softmax(self.decoder(flat), dim=-1)
         else:
             out = self.adaptive.log_prob(flat)
@@ -211,11 +232,19 @@ def add_lm_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--adaptivesoftmax", "--adaptive-softmax", dest="adaptivesoftmax", action="store_true",
-        help="adaptive softmax head for large vocabularies (needs --cutoffs; implies --no-tied)",
+        help="adaptive softmax head for large vocabularies (needs --cutoffs; implies --no-tied and "
+             "--no-splitsoftmax)",
+    )
+    group.add_argument(
+        "--splitsoftmax", "--split-softmax", dest="splitsoftmax", action=argparse.BooleanOptionalAction,
+        default=False,
+        help="AWD-LSTM's split softmax over the decoder's rows (keeps --tied) for large vocabularies; "
+             "--cutoffs, or by default AWD's by vocabulary size: none up to 75,000 words (the full softmax), "
+             "2800 20000 76000 above, 4200 35000 180000 above 500,000",
     )
     group.add_argument(
         "--cutoffs", type=int, nargs="+", default=[],
-        help="adaptive softmax cluster boundaries, increasing word ranks, e.g. 2000 10000",
+        help="adaptive or split softmax cluster boundaries, increasing word ranks, e.g. 2000 10000",
     )
     group.add_argument("--div-value", "--div_value", dest="div_value", type=float, default=4.0,
                        help="adaptive softmax: each cluster's projection shrinks by this factor")
@@ -261,4 +290,5 @@ def lm_config_from_args(args: argparse.Namespace, vocab_size: int, core: str | N
         div_value=args.div_value,
         projection_size=projection_size,
         dropout_after_projection=args.dropout_after_projection,
+        split_softmax=args.splitsoftmax and not args.adaptivesoftmax,
     )

@@ -382,7 +382,7 @@ def test_cutoffs_without_a_split_softmax_are_an_error(corpus_dir, tmp_path, caps
     status, lines, _ = run_cli(train_rnn.main, ["--data", str(corpus_dir), "--run-dir", str(tmp_path / "run"),
                                                 *LM_FLAGS, "--cutoffs", "10", "20"], capsys)
     assert_one_line_error(status, lines, 2, "--cutoffs 10 20 only applies to an output layer that splits the "
-                          "vocabulary into clusters (--adaptivesoftmax); add one, or drop --cutoffs")
+                          "vocabulary into clusters (--adaptivesoftmax or --splitsoftmax); add one, or drop --cutoffs")
     assert not (tmp_path / "run").exists()
 
 

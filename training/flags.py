@@ -379,7 +379,7 @@ def check_lm_args(args: argparse.Namespace) -> None:
 
 # The flags of the output layers that split the vocabulary at --cutoffs (dest: as typed); a head that also
 # takes --cutoffs adds its flag here.
-CUTOFF_HEADS = {"adaptivesoftmax": "--adaptivesoftmax"}
+CUTOFF_HEADS = {"adaptivesoftmax": "--adaptivesoftmax", "splitsoftmax": "--splitsoftmax"}
 
 
 def check_softmax_args(args: argparse.Namespace) -> None:

@@ -454,7 +454,10 @@ def _train_language_model(args: argparse.Namespace, script: str, config_fn: Conf
             trainer.save("best.pt", copy_best=False)
             run.print(f"| fine-tuning {finetune_from} with averaged SGD from valid ppl {perplexity(start_loss):.2f}")
             run.log("valid", epoch=0, step=0, loss=start_loss, ppl=perplexity(start_loss), asgd=False)
-        announce(trainer, checkpoint, f"{model.config.core} language model, vocabulary {len(corpus.dictionary):,}")
+        what = f"{model.config.core} language model, vocabulary {len(corpus.dictionary):,}"
+        if model.split_softmax is not None:
+            what += f", {model.split_softmax.description()}"
+        announce(trainer, checkpoint, what)
         views.start(run)
     results = {"run_dir": str(run.path), **trainer.fit()}
     if getattr(args, "onnx_export", "") and run.main:
