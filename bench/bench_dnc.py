@@ -110,7 +110,7 @@ def training_step(model: torch.nn.Module, x: torch.Tensor, memory: dict | None =
     model.zero_grad(set_to_none=True)
     synchronize(x.device)
     start = time.perf_counter()
-    output, _ = model(x, (None, memory, None))
+    output, _ = model(x) if memory is None else model(x, (None, memory, None))
     output.pow(2).mean().backward()
     synchronize(x.device)
     return time.perf_counter() - start
@@ -233,8 +233,10 @@ def real_growth_mib(kind: str, cells: int, args: argparse.Namespace) -> float:
     Saved-tensor counts miss what the allocator really holds: gradients and temporaries of the backward
     pass, freed blocks kept for reuse, page granularity. So a child process (the task scripts' allocator
     settings: huge pages, glibc keeping freed memory) first runs a pass of the same kind at 16 cells (so
-    lazy imports and thread pools are paid for), builds the model, its input and its state, reads its
-    resident size, runs one pass and reports its peak resident size (`ru_maxrss`) minus that.
+    lazy imports and thread pools are paid for), builds the model, its input and its state, resets the
+    kernel's peak-resident mark (`/proc/self/clear_refs`), runs one pass and reports its peak resident
+    size (VmHWM) minus its resident size before the pass (VmRSS). Linux only. (Not `ru_maxrss`: a child
+    inherits its parent's mark across fork and exec.)
     """
     options = ["--batch", str(args.batch), "--steps", str(args.steps), "--input", str(args.input),
                "--hidden", str(args.hidden), "--read-heads", str(args.read_heads), "--cell", str(args.cell),
@@ -246,10 +248,17 @@ def real_growth_mib(kind: str, cells: int, args: argparse.Namespace) -> float:
     return float(child.stdout.strip().splitlines()[-1])
 
 
+def _status_kib(field: str) -> int:
+    """A `VmXXX:   N kB` line of /proc/self/status, in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
+
+
 def rss_child(args: argparse.Namespace) -> None:
     """The child of `real_growth_mib`: prints the growth in MiB."""
-    import resource
-
     from training.run import keep_freed_memory
 
     keep_freed_memory()
@@ -261,12 +270,11 @@ def rss_child(args: argparse.Namespace) -> None:
     training_step(build(kind, 16, args, device), x)  # one-time costs (lazy imports, thread pools) first
     model = build(kind, cells, args, device)
     memory = filled_memory(model, args.batch, device) if args.filled and kind != "DNC" else None
-    page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/statm") as statm:
-        before = int(statm.read().split()[1]) * page
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # the peak-resident mark (VmHWM) back to the current resident size
+    before = _status_kib("VmRSS")
     training_step(model, x, memory)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(max(0, peak - before) / MIB)
+    print(max(0, _status_kib("VmHWM") - before) / 1024)
 
 
 def lstm_ratio(args: argparse.Namespace, x: torch.Tensor, device: torch.device) -> dict:

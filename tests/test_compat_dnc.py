@@ -244,3 +244,25 @@ def test_bad_published_state_is_named():
         rnn(torch.randn(4, 6, 9), (None, broken, reads))
     with pytest.raises(ValueError, match="memory_hidden must be a dict"):
         rnn(torch.randn(4, 6, 9), (None, [memory], reads))
+
+
+@pytest.mark.parametrize("cls", [SAM, SDNC])
+def test_the_published_state_saves_nothing_of_size_n_for_backward(cls):
+    """Turning the state into 1.1.0's dict (visible_memory, dense [B, N] weights) keeps no [B, N, W]
+    memory alive for backward: the bytes autograd saves over a call do not grow with the number of cells
+    (a gather of visible_memory from the memory saved all of it, 64 MiB at 65,536 cells)."""
+    def saved_bytes(cells):
+        torch.manual_seed(0)
+        rnn = cls(input_size=6, hidden_size=8, nr_cells=cells, cell_size=8, read_heads=2, batch_first=True)
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = (tensor.untyped_storage().nbytes(), tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output, (_, memory, _) = rnn(torch.randn(3, 5, 6), (None, None, None), reset_experience=True)
+        (output.sum() + memory["visible_memory"].sum()).backward()
+        return sum(nbytes for nbytes, _ in storages.values())
+
+    assert saved_bytes(4096) == saved_bytes(64)

@@ -103,7 +103,8 @@ def _sparse_to_published(memory: SparseMemory, state: MemoryState, reads: Tensor
     if reads is None:
         reads = weights.new_zeros(batch, memory.read_heads * memory.cell_size)
     public.update({
-        "visible_memory": state["memory"].gather(1, visible.unsqueeze(-1).expand(-1, -1, memory.cell_size)),
+        # indexing, not gather: gather's backward would keep the whole [B, N, W] memory alive
+        "visible_memory": state["memory"][torch.arange(batch, device=visible.device).unsqueeze(1), visible],
         "read_positions": visible,
         "read_weights": dense_reads,
         "head_read_weights": weights,
