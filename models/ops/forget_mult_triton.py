@@ -1,17 +1,21 @@
 """Triton kernels of ForgetMult (forward and backward) for CUDA tensors.
 
 The recurrence and its gradients are written out in models/ops/forget_mult.py, beside the reference.
-The [T, B, H] tensors are seen as T rows of N = B * H columns. Each program owns `BLOCK_SIZE` columns
+The [T, B, H] tensors are seen as T rows of N = B * H columns. Each program owns a block of columns
 and walks over the T rows one after the other, keeping the state of its columns in registers
 (float32 whatever the input dtype): sequential in time, parallel over columns, as salesforce/
 pytorch-qrnn's CUDA kernel and fla's `fused_recurrent_hgrn` do. Each element is read and written
 once per pass, so the kernels are bound by memory bandwidth.
 
+The block size and warps come from `models.ops.triton_launch.choose_config` (128-bit accesses, enough
+programs for the GPU) unless a `KernelConfig` is passed, as the bandwidth benchmark does to sweep them.
+
 A direction is a first row and a row stride: forwards, row 0 with stride +N; reversed, row T - 1 with
 stride -N. The backward pass walks the rows in the opposite order of its forward pass.
 
 This module imports Triton at the top; `models.ops.forget_mult` imports it only when a CUDA tensor
-arrives, so machines without Triton never load it.
+arrives, so machines without Triton never load it. Tests run the kernels on CPU tensors under Triton's
+interpreter (`models.ops.forget_mult.TRITON_ON_CPU`, tests/test_triton_kernels.py).
 
 Shapes: `T` time steps, `B` batch, `H` hidden size, `N` = B * H columns.
 """
@@ -33,10 +37,8 @@ except ImportError as error:
         "(forget_mult falls back to the PyTorch loop without it)"
     ) from error
 
-from models.ops.forget_mult import TRITON_DTYPES, check_arguments
-
-BLOCK_SIZE = 256  # columns per program: small enough that B = 20, H = 640 still gives 50 programs
-NUM_WARPS = 4
+from models.ops.forget_mult import TRITON_DTYPES, check_arguments, triton_device
+from models.ops.triton_launch import choose_config, device_guard, KernelConfig
 
 
 @triton.jit
@@ -159,7 +161,9 @@ class ForgetMultTriton(torch.autograd.Function):
     """ForgetMult through the two Triton kernels; inputs are checked by `forget_mult_triton`."""
 
     @staticmethod
-    def forward(ctx: Any, f: Tensor, x: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any, f: Tensor, x: Tensor, h0: Tensor | None, reverse: bool, config: KernelConfig | None
+    ) -> tuple[Tensor, Tensor]:
         f, x = f.contiguous(), x.contiguous()
         h0 = h0.contiguous() if h0 is not None else None
         num_steps, batch_size, hidden_size = f.shape
@@ -167,14 +171,17 @@ class ForgetMultTriton(torch.autograd.Function):
         h = torch.empty(f.shape, dtype=f.dtype, device=f.device)  # [T, B, H], every element written
         h_last = torch.empty((batch_size, hidden_size), dtype=f.dtype, device=f.device)
         first_offset, step_stride = _walk(num_steps, num_columns, backwards_in_time=reverse)
-        grid = (triton.cdiv(num_columns, BLOCK_SIZE),)
-        with torch.cuda.device(f.device):
+        if config is None:
+            config = choose_config(num_columns, 1, f.dtype, f.device)
+        grid = (triton.cdiv(num_columns, config.block_size),)
+        with device_guard(f):
             _forget_mult_forward_kernel[grid](
                 f, x, h0 if h0 is not None else f, h, h_last,  # f stands in for an absent h0, never read
                 num_steps, num_columns, first_offset, step_stride,
-                HAS_H0=h0 is not None, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS,
+                HAS_H0=h0 is not None, BLOCK_SIZE=config.block_size, **config.launch_options(),
             )
         ctx.reverse = reverse
+        ctx.config = config
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(f, x, h, h0)
         return h, h_last
@@ -183,8 +190,9 @@ class ForgetMultTriton(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: Any, grad_h: Tensor | None, grad_h_last: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None, None]:
+    ) -> tuple[Tensor, Tensor, Tensor | None, None, None]:
         f, x, h, h0 = ctx.saved_tensors
+        config = ctx.config
         num_steps, batch_size, hidden_size = f.shape
         num_columns = batch_size * hidden_size
         grad_h = grad_h.contiguous() if grad_h is not None else None
@@ -193,8 +201,8 @@ class ForgetMultTriton(torch.autograd.Function):
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [T, B, H]
         grad_h0 = torch.empty(h0.shape, dtype=h0.dtype, device=h0.device) if h0 is not None else None
         first_offset, step_stride = _walk(num_steps, num_columns, backwards_in_time=not ctx.reverse)
-        grid = (triton.cdiv(num_columns, BLOCK_SIZE),)
-        with torch.cuda.device(f.device):
+        grid = (triton.cdiv(num_columns, config.block_size),)
+        with device_guard(f):
             # f stands in for absent tensors; the HAS_* flags keep the kernel from touching them.
             _forget_mult_backward_kernel[grid](
                 f, x, h, h0 if h0 is not None else f,
@@ -202,13 +210,13 @@ class ForgetMultTriton(torch.autograd.Function):
                 grad_f, grad_x, grad_h0 if grad_h0 is not None else f,
                 num_steps, num_columns, first_offset, step_stride,
                 HAS_H0=h0 is not None, HAS_GRAD_H=grad_h is not None, HAS_GRAD_H_LAST=grad_h_last is not None,
-                BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS,
+                BLOCK_SIZE=config.block_size, **config.launch_options(),
             )
-        return grad_f, grad_x, grad_h0, None
+        return grad_f, grad_x, grad_h0, None, None
 
 
 def forget_mult_triton(
-    f: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False
+    f: Tensor, x: Tensor, h0: Tensor | None = None, reverse: bool = False, config: KernelConfig | None = None
 ) -> tuple[Tensor, Tensor]:
     """ForgetMult on a CUDA GPU with the Triton kernels; same result as `forget_mult_ref` up to rounding.
 
@@ -217,6 +225,7 @@ def forget_mult_triton(
         x: [T, B, H] values, same dtype and device as `f`.
         h0: [B, H] state before the first step processed, or None for zeros; same dtype and device.
         reverse: run t = T - 1, ..., 0 (h0 is then the state after the end of the sequence).
+        config: block size, warps and stages of both kernels; None: `choose_config`'s default.
 
     Returns:
         h: [T, B, H] the state after each step, and h_last: [B, H] the state after the last step
@@ -227,7 +236,7 @@ def forget_mult_triton(
             dtype the kernels take (float64: use `forget_mult`, which runs the PyTorch path).
     """
     check_arguments(f, x, h0, reverse)
-    if f.device.type != "cuda":
+    if not triton_device(f):
         raise ValueError(f"forget_mult_triton needs CUDA tensors, got device {f.device}; use forget_mult")
     if f.dtype not in TRITON_DTYPES:
         raise ValueError(f"forget_mult_triton takes float16, bfloat16 or float32, got {f.dtype}; use forget_mult")
@@ -235,4 +244,4 @@ def forget_mult_triton(
         raise ValueError(
             f"forget_mult_triton steps by rows of B * H < 2**31 elements, got B * H = {f.size(1) * f.size(2)}"
         )
-    return ForgetMultTriton.apply(f, x, h0, reverse)
+    return ForgetMultTriton.apply(f, x, h0, reverse, config)
