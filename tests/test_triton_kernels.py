@@ -42,6 +42,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 # The default launch already cuts these small rows into blocks of 32 (several programs per row, the
 # last one partly masked); an explicit config checks that `config=` reaches the kernels.
 EXPLICIT = KernelConfig(64, 2)
+CHUNKED = KernelConfig(32, 1, time_chunk=4)  # ForgetMult's time-chunked kernels: 4 rows per tile
 
 _EMPTY, _EMPTY_LIKE = torch.empty, torch.empty_like
 
@@ -115,6 +116,9 @@ def gradients(function, f, x, h0, reverse, grad_h, grad_h_last):
 @pytest.mark.parametrize("shape, dtype, with_h0, config", [
     ((1, 1, 1), F32, True, None), ((1, 3, 7), F32, False, None), ((4, 1, 33), F32, True, None),
     ((9, 2, 37), F32, False, EXPLICIT), ((5, 2, 33), BF16, True, None),
+    # chunked: T = 1 (one partial tile), T not a multiple of the chunk, exactly two tiles
+    ((1, 2, 7), F32, True, CHUNKED), ((9, 2, 37), F32, True, CHUNKED), ((8, 1, 5), F32, False, CHUNKED),
+    ((6, 3, 11), BF16, True, CHUNKED),
 ], ids=str)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_forget_mult_kernel_matches_reference(shape, dtype, with_h0, config, reverse):
@@ -131,6 +135,24 @@ def test_forget_mult_kernel_matches_reference(shape, dtype, with_h0, config, rev
     actual = gradients(lambda *a: forget_mult_triton(*a, config=config), *leaves, reverse, grad_h, grad_h_last)
     for name, got, want in zip(["h", "h_last", "df", "dx", "dh0"], actual, expected):
         assert_close(got, want, dtype, name)
+
+
+@pytest.mark.parametrize("used", ["h", "h_last"])
+@pytest.mark.parametrize("config", [None, CHUNKED], ids=str)
+def test_forget_mult_kernel_with_one_output_unused(used, config):
+    """Autograd passes None for an unused output's gradient: the kernels' HAS_GRAD_* paths."""
+    from models.ops.forget_mult_triton import forget_mult_triton
+
+    generator = torch.Generator().manual_seed(2)
+    f, x, h0 = torch.rand(6, 2, 5, generator=generator), torch.randn(6, 2, 5, generator=generator), torch.randn(2, 5)
+    results = []
+    for function in (forget_mult_ref, lambda *a: forget_mult_triton(*a, config=config)):
+        leaves = [t.to(DEVICE).requires_grad_() for t in (f, x, h0)]
+        h, h_last = function(*leaves, True)
+        (h.pow(2).sum() if used == "h" else h_last.pow(2).sum()).backward()
+        results.append([h.detach(), h_last.detach()] + [t.grad for t in leaves])
+    for name, got, want in zip(["h", "h_last", "df", "dx", "dh0"], *results):
+        assert_close(got, want, F32, name)
 
 
 def test_forget_mult_dispatches_to_the_kernel():

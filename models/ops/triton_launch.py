@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 
 import torch
 
@@ -31,19 +32,24 @@ MIN_BLOCK = 32  # one warp, one value per thread
 MAX_BLOCK = 1024
 PROGRAMS_PER_SM = 4  # programs wanted per multiprocessor before blocks grow
 ACCESS_BYTES = 16  # bytes each thread moves per array and step: one 128-bit access
+CHUNK_VALUES = 32  # values per thread and array in a time chunk (rows x vector): registers stay in bounds
+LONG_WALK = 64  # ForgetMult walks at least this long, on a GPU, take the time-chunked kernels
 HOST_SMS = 4  # "multiprocessors" assumed under Triton's interpreter (tests), where nothing is timed
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """One launch configuration: columns per program, warps per program and software-pipelining stages.
+    """One launch configuration: columns per program, warps, software-pipelining stages, time chunk.
 
-    `num_stages` None leaves Triton's default. Written `256x4` or `256x4x2` on the benchmarks' command line.
+    `num_stages` None leaves Triton's default. `time_chunk` > 1 picks ForgetMult's time-chunked kernels
+    (that many rows loaded at once); the fused QRNN kernels walk row by row and ignore it. Written
+    BLOCKxWARPS[xSTAGES][tCHUNK] on the benchmarks' command line: `256x4`, `1024x4t4`, `512x4x3t8`.
     """
 
     block_size: int
     num_warps: int
     num_stages: int | None = None
+    time_chunk: int = 1
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -52,17 +58,17 @@ class KernelConfig:
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.num_stages is not None and self.num_stages < 1:
             raise ValueError(f"num_stages must be positive or None, got {self.num_stages}")
+        if self.time_chunk < 1 or self.time_chunk & (self.time_chunk - 1):
+            raise ValueError(f"time_chunk must be a power of 2, got {self.time_chunk}")
 
     @classmethod
     def parse(cls, text: str) -> "KernelConfig":
-        """'256x4' -> KernelConfig(256, 4); '256x4x2' -> KernelConfig(256, 4, 2)."""
-        try:
-            parts = [int(part) for part in text.lower().split("x")]
-        except ValueError:
-            parts = []
-        if len(parts) not in (2, 3):
-            raise ValueError(f"a kernel config is BLOCKxWARPS or BLOCKxWARPSxSTAGES, e.g. 256x4, got {text!r}")
-        return cls(*parts)
+        """'256x4' -> KernelConfig(256, 4); '512x4x3t8' -> KernelConfig(512, 4, 3, 8)."""
+        match = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?(?:t(\d+))?", text.strip().lower())
+        if match is None:
+            raise ValueError(f"a kernel config is BLOCKxWARPS[xSTAGES][tCHUNK], e.g. 256x4 or 1024x4t4, got {text!r}")
+        block, warps, stages, chunk = match.groups()
+        return cls(int(block), int(warps), int(stages) if stages else None, int(chunk) if chunk else 1)
 
     def launch_options(self) -> dict:
         """Keyword arguments of a Triton launch."""
@@ -72,7 +78,8 @@ class KernelConfig:
         return options
 
     def __str__(self) -> str:
-        return f"{self.block_size}x{self.num_warps}" + (f"x{self.num_stages}" if self.num_stages else "")
+        return (f"{self.block_size}x{self.num_warps}" + (f"x{self.num_stages}" if self.num_stages else "")
+                + (f"t{self.time_chunk}" if self.time_chunk > 1 else ""))
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,17 +91,22 @@ def multiprocessors(device_index: int | None) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose(columns: int, rows: int, element_size: int, device_index: int | None) -> KernelConfig:
+def _choose(columns: int, rows: int, element_size: int, device_index: int | None, long_walk: bool) -> KernelConfig:
     target = PROGRAMS_PER_SM * multiprocessors(device_index)
     widest = max(MIN_BLOCK, min(MAX_BLOCK, 1 << (columns - 1).bit_length()))  # no wider than the columns
     block = widest
     while block > MIN_BLOCK and rows * -(-columns // block) < target:
         block //= 2
-    warps = block * element_size // (ACCESS_BYTES * 32)  # threads that move ACCESS_BYTES each
-    return KernelConfig(block, min(8, max(1, warps)))
+    warps = min(8, max(1, block * element_size // (ACCESS_BYTES * 32)))  # threads that move ACCESS_BYTES each
+    chunk = 1
+    if long_walk and device_index is not None and (CHUNK_VALUES + 1) * columns < 2**31:
+        values_per_thread = max(1, block // (32 * warps))
+        chunk = max(1, CHUNK_VALUES // values_per_thread)
+    return KernelConfig(block, warps, time_chunk=chunk)
 
 
-def choose_config(columns: int, rows: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
+def choose_config(columns: int, rows: int, dtype: torch.dtype, device: torch.device,
+                  steps: int = 1) -> KernelConfig:
     """The default launch for `rows` independent rows of `columns` columns (programs: rows * blocks per row).
 
     Args:
@@ -102,8 +114,11 @@ def choose_config(columns: int, rows: int, dtype: torch.dtype, device: torch.dev
         rows: independent rows of such columns (ForgetMult: 1; the QRNN layer: B).
         dtype: element type of the streamed tensors.
         device: the tensors' device (its multiprocessor count sets how many programs are wanted).
+        steps: time steps of the walk; ForgetMult walks of `LONG_WALK` steps or more on a GPU get a time
+            chunk (`CHUNK_VALUES` values per thread). Pass 1 for kernels without a chunked variant.
     """
-    return _choose(columns, rows, dtype.itemsize, device.index if device.type == "cuda" else None)
+    device_index = device.index if device.type == "cuda" else None
+    return _choose(columns, rows, dtype.itemsize, device_index, steps >= LONG_WALK)
 
 
 def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
