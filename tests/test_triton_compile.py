@@ -5,11 +5,15 @@ compile: an op the interpreter accepts may not lower to PTX. Triton can compile 
 any machine (its wheel carries ptxas), so every kernel is compiled here for sm_90 in the variants the
 layer launches, as a launch would specialise them (pointers 16-byte aligned, sizes divisible by 16).
 The PTX then shows whether the loads are vectorised: with `choose_config`'s 128-bit rule a thread
-should read its values with `ld.global.v4`. Skipped without Triton or its ptxas.
+should read its values with `ld.global.v4`; and the cubin's resource usage (cuobjdump, also in the
+wheel) that no variant spills registers to local memory. Skipped without Triton or its ptxas.
 """
 
 import importlib.util
+import os
 import re
+import subprocess
+import tempfile
 
 import pytest
 
@@ -21,7 +25,9 @@ ALIGNED = {"num_columns", "first_offset", "step_stride", "hidden_size", "gates_f
 
 
 def compile_for_sm90(kernel, element: str, constants: dict, num_warps: int) -> str:
-    """PTX of `kernel` for sm_90, with pointers to `element` (lengths: int64) and the given constexprs."""
+    """PTX of `kernel` for sm_90, with pointers to `element` (lengths: int64) and the given constexprs.
+
+    Also checks the cubin: no register spills (a stack frame), where cuobjdump is at hand."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
@@ -45,7 +51,23 @@ def compile_for_sm90(kernel, element: str, constants: dict, num_warps: int) -> s
         if "ptxas" in str(error).lower() and "not found" in str(error).lower():
             pytest.skip(f"Triton's ptxas is missing: {error}")
         raise
+    spill_free(compiled.asm["cubin"], kernel.__name__)
     return compiled.asm["ptx"]
+
+
+def spill_free(cubin: bytes, name: str) -> None:
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as file:
+            file.write(cubin)
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    frames = [int(size) for size in re.findall(r"STACK:(\d+)", usage)]
+    assert frames and max(frames) == 0, f"{name} spills registers: {usage}"
 
 
 def vector_loads(ptx: str) -> tuple[int, int]:
@@ -82,6 +104,14 @@ def test_fused_qrnn_kernels_compile_with_vector_loads(output_gate, padded):
                "BLOCK_SIZE": 256}
     ptx = compile_for_sm90(module._qrnn_forward_kernel, "bf16", {**options, "STORE_CELL": True}, 1)
     assert vector_loads(ptx)[0] >= (3 if output_gate else 2)  # Z, F (, O) pre-activations, 8 bf16 a load
+    ptx = compile_for_sm90(module._qrnn_forward_chunked_kernel, "bf16",
+                           {**options, "STORE_CELL": True, "TIME_CHUNK": 4}, 1)
+    assert vector_loads(ptx)[0] >= 4 * (3 if output_gate else 2)  # 4 steps of each gate per tile
+    # the default launch of the QRNN paper's grid (B 8, H 320, float32, inference): 128 x 1, 8 steps a tile
+    ptx = compile_for_sm90(module._qrnn_forward_chunked_kernel, "fp32",
+                           {**options, "BLOCK_SIZE": 128, "STORE_CELL": False, "TIME_CHUNK": 8}, 1)
+    assert vector_loads(ptx)[0] >= 8 * (3 if output_gate else 2)
+    assert "shfl" not in ptx  # each thread holds all 8 steps of its units: the scan runs in registers
     ptx = compile_for_sm90(module._qrnn_backward_kernel, "bf16",
                            {**options, "HAS_GRAD_OUTPUT": True, "HAS_GRAD_LAST": True}, 1)
     assert vector_loads(ptx)[0] >= (4 if output_gate else 3)  # gates, cell, grad output

@@ -42,7 +42,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 # The default launch already cuts these small rows into blocks of 32 (several programs per row, the
 # last one partly masked); an explicit config checks that `config=` reaches the kernels.
 EXPLICIT = KernelConfig(64, 2)
-CHUNKED = KernelConfig(32, 1, time_chunk=4)  # ForgetMult's time-chunked kernels: 4 rows per tile
+CHUNKED = KernelConfig(32, 1, time_chunk=4)  # the time-chunked kernels: 4 steps per tile
 
 _EMPTY, _EMPTY_LIKE = torch.empty, torch.empty_like
 
@@ -211,6 +211,11 @@ POOL_CASES = [
     (5, 4, 5, True, True, None, [5, 2, 0, 4], F32, None),
     (5, 4, 5, False, False, "mask", [1, 5, 3, 4], F32, None),
     (5, 2, 37, True, True, "scale", [5, 3], BF16, None),
+    # the forward's time-chunked kernel: tiles of 4 steps, the last one partial, with padding and zoneout
+    (1, 2, 7, True, True, None, None, F32, CHUNKED),
+    (6, 3, 9, True, True, "mask", [6, 0, 3], F32, CHUNKED),
+    (9, 2, 5, False, False, "scale", [2, 9], F32, CHUNKED),
+    (7, 2, 33, True, True, None, None, BF16, CHUNKED),
 ]
 
 

@@ -11,7 +11,9 @@ will be needed, c), and one backward kernel that writes the gradient of the pre-
 Layout: `gates` is the product's [T, B, G * H] output, rows Z, F (, O) of the layer's weight, so
 gate g of unit u at (t, b) is at ((t * B + b) * G + g) * H + u. Program (i, b) owns units
 i * BLOCK .. i * BLOCK + BLOCK - 1 of batch row b and walks over time, the state in float32
-registers; contiguous units make the loads vector loads. Lengths come in per batch row, so a
+registers; contiguous units make the loads vector loads. On long sequences the forward kernel loads a
+tile of TIME_CHUNK steps at once and solves ForgetMult inside it by a scan, as ForgetMult's chunked
+kernel does; the backward kernel walks step by step. Lengths come in per batch row, so a
 padded step costs no mask tensor: step t of row b is valid when t < lengths[b].
 
 Gradients, with g_t the gradient reaching c_t in the walk back (forward direction; reverse mirrors):
@@ -101,6 +103,68 @@ def _qrnn_forward_kernel(
         cell_ptrs += state_stride
         mask_ptrs += state_stride
         step += direction
+    tl.store(last_ptr + state_row, state.to(last_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _linear_recurrence(a_earlier, b_earlier, a_later, b_later):
+    """Compose c -> a_e c + b_e, then c -> a_l c + b_l: (a_l a_e, a_l b_e + b_l)."""
+    return a_later * a_earlier, a_later * b_earlier + b_later
+
+
+@triton.jit
+def _qrnn_forward_chunked_kernel(
+    gates_ptr, h0_ptr, lengths_ptr, mask_ptr, output_ptr, cell_ptr, last_ptr,
+    num_steps, hidden_size, forget_scale, first_step, direction, gates_first, gates_stride, state_first, state_stride,
+    HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, OUTPUT_GATE: tl.constexpr,
+    STORE_CELL: tl.constexpr, BLOCK_SIZE: tl.constexpr, TIME_CHUNK: tl.constexpr,
+):
+    """`_qrnn_forward_kernel`, TIME_CHUNK steps at a time: a [TIME_CHUNK, BLOCK_SIZE] tile of each gate is
+    loaded at once (more bytes in flight than one step's row), activated, and ForgetMult solved inside
+    the tile by an associative scan (as models/ops/forget_mult_triton.py's chunked kernel). Steps past
+    the end get f = 0, which leaves the state unchanged."""
+    batch = tl.program_id(1)
+    units = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    keep = units < hidden_size
+    rows = tl.arange(0, TIME_CHUNK)
+    gate_count: tl.constexpr = 3 if OUTPUT_GATE else 2
+    state_row = batch * hidden_size + units
+    if HAS_H0:
+        state = tl.load(h0_ptr + state_row, mask=keep, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + batch)
+    gate_offsets = rows[:, None] * gates_stride + (batch * gate_count * hidden_size + units)[None, :]
+    state_offsets = rows[:, None] * state_stride + state_row[None, :]
+    gates_chunk = gates_ptr + gates_first
+    state_chunk = state_first
+    for start in range(0, num_steps, TIME_CHUNK):
+        inside = (start + rows) < num_steps
+        tile_mask = inside[:, None] & keep[None, :]
+        candidate = _tanh(tl.load(gates_chunk + gate_offsets, mask=tile_mask, other=0.0).to(tl.float32))
+        forget = tl.sigmoid(tl.load(gates_chunk + gate_offsets + hidden_size, mask=tile_mask, other=0.0)
+                            .to(tl.float32)) * forget_scale
+        forget = tl.where(tile_mask, forget, 0.0)
+        if HAS_MASK:
+            forget *= tl.load(mask_ptr + state_chunk + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        if HAS_LENGTHS:
+            valid = ((first_step + (start + rows) * direction) < length).to(tl.float32)[:, None]
+            forget *= valid
+        decay, drive = tl.associative_scan((1.0 - forget, forget * candidate), 0, _linear_recurrence)
+        cells = drive + decay * state[None, :]
+        output = cells
+        if OUTPUT_GATE:
+            output = tl.sigmoid(tl.load(gates_chunk + gate_offsets + 2 * hidden_size, mask=tile_mask, other=0.0)
+                                .to(tl.float32)) * cells
+        if HAS_LENGTHS:
+            output *= valid
+        tl.store(output_ptr + state_chunk + state_offsets, output.to(output_ptr.dtype.element_ty), mask=tile_mask)
+        if STORE_CELL:
+            tl.store(cell_ptr + state_chunk + state_offsets, cells.to(cell_ptr.dtype.element_ty), mask=tile_mask)
+        state = tl.sum(tl.where(rows[:, None] == TIME_CHUNK - 1, cells, 0.0), axis=0)
+        gates_chunk += TIME_CHUNK * gates_stride
+        state_chunk += TIME_CHUNK * state_stride
     tl.store(last_ptr + state_row, state.to(last_ptr.dtype.element_ty), mask=keep)
 
 
@@ -203,15 +267,18 @@ def _launch_forward(
     cell_is_output = not output_gate and lengths is None
     cell = torch.empty_like(output) if store_cell and not cell_is_output else None
     if config is None:
-        config = choose_config(hidden_size, batch_size, gates.dtype, gates.device)
+        config = choose_config(hidden_size, batch_size, gates.dtype, gates.device, num_steps)
     grid = (triton.cdiv(hidden_size, config.block_size), batch_size)
+    kernel, chunk = _qrnn_forward_kernel, {}
+    if config.time_chunk > 1:
+        kernel, chunk = _qrnn_forward_chunked_kernel, {"TIME_CHUNK": config.time_chunk}
     with device_guard(gates):  # absent tensors are stood in for by `gates`; their HAS_* flag keeps them unread
-        _qrnn_forward_kernel[grid](
+        kernel[grid](
             gates, gates if hidden is None else hidden, gates if lengths is None else lengths,
             gates if forget_mask is None else forget_mask, output, output if cell is None else cell, last,
             num_steps, hidden_size, float(forget_scale), *_walk(num_steps, batch_size, width, hidden_size, reverse),
             HAS_H0=hidden is not None, HAS_LENGTHS=lengths is not None, HAS_MASK=forget_mask is not None,
-            OUTPUT_GATE=output_gate, STORE_CELL=cell is not None, BLOCK_SIZE=config.block_size,
+            OUTPUT_GATE=output_gate, STORE_CELL=cell is not None, BLOCK_SIZE=config.block_size, **chunk,
             **config.launch_options(),
         )
     if store_cell and cell_is_output:
@@ -278,7 +345,8 @@ def qrnn_pool_triton(
         forget_scale: a constant multiplying F (1 - zoneout in evaluation, else 1).
         reverse: run from step T - 1 down to 0 (the backward direction of a bidirectional layer).
         output_gate: whether `gates` has O (h = o * c) or not (h = c).
-        config: launch parameters; None: `choose_config`'s default for (H, B).
+        config: launch parameters; None: `choose_config`'s default for (H, B, T). A `time_chunk` above 1
+            takes the time-chunked forward kernel; the backward kernel walks step by step.
 
     Returns:
         output [T, B, H] and the state after the last step processed [B, H], in the dtype of `gates`.
@@ -294,8 +362,10 @@ def qrnn_pool_triton(
         raise ValueError(f"qrnn_pool_triton takes float16, bfloat16 or float32, got {gates.dtype}")
     if gates.dim() != 3 or not gates.is_contiguous() or gates.size(2) % (3 if output_gate else 2):
         raise ValueError(f"gates must be a contiguous [T, B, G * H] tensor, got shape {tuple(gates.shape)}")
-    if gates.size(1) * gates.size(2) >= 2**31:
-        raise ValueError(f"qrnn_pool_triton steps by rows of B * G * H < 2**31 elements, got {tuple(gates.shape)}")
+    chunk = 1 if config is None else config.time_chunk
+    if (chunk + 1) * gates.size(1) * gates.size(2) >= 2**31:
+        raise ValueError(f"qrnn_pool_triton steps by rows of B * G * H < 2**31 elements (times the time chunk "
+                         f"{chunk} + 1), got {tuple(gates.shape)}")
     if torch.is_grad_enabled() and (gates.requires_grad or (hidden is not None and hidden.requires_grad)):
         return QRNNPoolTriton.apply(gates, hidden, lengths, forget_mask, forget_scale, reverse, output_gate, config)
     output, last, _, _ = _launch_forward(

@@ -8,7 +8,10 @@ time is sequential and columns are parallel. Two things decide their speed on a 
   per multiprocessor;
 - wide memory accesses: `num_warps` is chosen so that each thread loads and stores `ACCESS_BYTES`
   (128 bits: 4 float32 or 8 bfloat16/float16 values) per step, which Triton turns into vector
-  instructions when the row length is a multiple of the vector (it specialises on divisibility by 16).
+  instructions when the row length is a multiple of the vector (it specialises on divisibility by 16);
+- bytes in flight: a walk of one row at a time waits one memory round trip per step, so on a GPU long
+  walks (`LONG_WALK` steps) load a tile of `time_chunk` steps at once (`CHUNK_VALUES` values per thread
+  and array), blocks then being at least one warp of whole vectors.
 
 `choose_config` applies these rules; `KernelConfig` can be passed to the kernels instead (the
 benchmarks sweep them: `python bench/bench_forget_mult.py --bandwidth --configs 256x4 1024x4`). The
@@ -33,6 +36,7 @@ MAX_BLOCK = 1024
 PROGRAMS_PER_SM = 4  # programs wanted per multiprocessor before blocks grow
 ACCESS_BYTES = 16  # bytes each thread moves per array and step: one 128-bit access
 CHUNK_VALUES = 32  # values per thread and array in a time chunk (rows x vector): registers stay in bounds
+MAX_TIME_CHUNK = 16
 LONG_WALK = 64  # ForgetMult walks at least this long, on a GPU, take the time-chunked kernels
 HOST_SMS = 4  # "multiprocessors" assumed under Triton's interpreter (tests), where nothing is timed
 
@@ -92,16 +96,17 @@ def multiprocessors(device_index: int | None) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _choose(columns: int, rows: int, element_size: int, device_index: int | None, long_walk: bool) -> KernelConfig:
+    vector = max(1, ACCESS_BYTES // element_size)  # values in one 128-bit access
+    chunked = long_walk and device_index is not None and (CHUNK_VALUES + 1) * columns < 2**31
+    # A time chunk needs whole vectors per thread: then a thread holds all the tile's rows of its columns
+    # and the scan runs in registers (no shuffles).
+    narrowest = 32 * vector if chunked else MIN_BLOCK
     target = PROGRAMS_PER_SM * multiprocessors(device_index)
-    widest = max(MIN_BLOCK, min(MAX_BLOCK, 1 << (columns - 1).bit_length()))  # no wider than the columns
-    block = widest
-    while block > MIN_BLOCK and rows * -(-columns // block) < target:
+    block = max(narrowest, min(MAX_BLOCK, 1 << (columns - 1).bit_length()))  # no wider than the columns
+    while block > narrowest and rows * -(-columns // block) < target:
         block //= 2
-    warps = min(8, max(1, block * element_size // (ACCESS_BYTES * 32)))  # threads that move ACCESS_BYTES each
-    chunk = 1
-    if long_walk and device_index is not None and (CHUNK_VALUES + 1) * columns < 2**31:
-        values_per_thread = max(1, block // (32 * warps))
-        chunk = max(1, CHUNK_VALUES // values_per_thread)
+    warps = min(8, max(1, block // (32 * vector)))  # threads that move ACCESS_BYTES each
+    chunk = min(MAX_TIME_CHUNK, max(1, CHUNK_VALUES // vector)) if chunked else 1
     return KernelConfig(block, warps, time_chunk=chunk)
 
 
@@ -114,8 +119,8 @@ def choose_config(columns: int, rows: int, dtype: torch.dtype, device: torch.dev
         rows: independent rows of such columns (ForgetMult: 1; the QRNN layer: B).
         dtype: element type of the streamed tensors.
         device: the tensors' device (its multiprocessor count sets how many programs are wanted).
-        steps: time steps of the walk; ForgetMult walks of `LONG_WALK` steps or more on a GPU get a time
-            chunk (`CHUNK_VALUES` values per thread). Pass 1 for kernels without a chunked variant.
+        steps: time steps of the walk; walks of `LONG_WALK` steps or more on a GPU get a time chunk
+            (`CHUNK_VALUES` values per thread, at most `MAX_TIME_CHUNK` rows).
     """
     device_index = device.index if device.type == "cuda" else None
     return _choose(columns, rows, dtype.itemsize, device_index, steps >= LONG_WALK)
