@@ -256,7 +256,6 @@ class QRNNLayer(nn.Module):
                     lengths: torch.Tensor | None, reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`run` after its checks: `lengths` is None or a checked LongTensor [B] on the device of `x`."""
         steps, batch_size, _ = x.shape
-        context = self.window - 1
         if hidden is not None and hidden.dim() == 3:
             hidden = hidden[0]  # [1, B, H] -> [B, H], as the layer itself returns it
         valid = None

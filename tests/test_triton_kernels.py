@@ -363,5 +363,28 @@ def test_layer_call_is_one_product_and_one_kernel():
             layer.run(x)
             torch.cuda.synchronize()
     kernels = [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-    assert sum("_qrnn_forward_kernel" in name for name in kernels) == 1, kernels
-    assert len(kernels) <= 2, kernels  # the GEMM (one kernel for cuBLAS's addmm) and the pooling
+    assert sum("_qrnn_forward" in name for name in kernels) == 1, kernels
+    # the product (cuBLAS: one kernel, two with a split-K reduction) and the pooling; no elementwise kernels
+    assert len(kernels) <= 3 and not any("elementwise" in name.lower() for name in kernels), kernels
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_launches_on_the_gpu_match_eager(dtype):
+    """The GPU's default configs (time-chunked on long sequences, wide blocks) against the eager layer."""
+    torch.manual_seed(0)
+    for steps, batch_size, hidden_size in [(100, 8, 320), (70, 64, 1000)]:
+        layer = QRNNLayer(hidden_size, hidden_size).to(DEVICE, dtype)
+        x = torch.randn(steps, batch_size, hidden_size, device=DEVICE, dtype=dtype)
+        hidden = torch.randn(batch_size, hidden_size, device=DEVICE, dtype=dtype)
+        layer.use_cuda = True
+        actual = layer_results(layer, x, hidden, None, None, False, seed=0)
+        layer.use_cuda = False
+        expected = layer_results(layer, x, hidden, None, None, False, seed=0)
+        for name in expected:
+            assert_close(actual[name], expected[name], dtype, name)
+        f = torch.rand(steps, batch_size, hidden_size, device=DEVICE, dtype=dtype)
+        h, h_last = forget_mult(f, x, hidden)
+        h_ref, h_last_ref = forget_mult_ref(f, x, hidden)
+        assert_close(h, h_ref, dtype, "forget_mult h")
+        assert_close(h_last, h_last_ref, dtype, "forget_mult h_last")
