@@ -113,5 +113,5 @@ def test_fused_qrnn_kernels_compile_with_vector_loads(output_gate, padded):
     assert vector_loads(ptx)[0] >= 8 * (3 if output_gate else 2)
     assert "shfl" not in ptx  # each thread holds all 8 steps of its units: the scan runs in registers
     ptx = compile_for_sm90(module._qrnn_backward_kernel, "bf16",
-                           {**options, "HAS_GRAD_OUTPUT": True, "HAS_GRAD_LAST": True}, 1)
+                           {**options, "HAS_GRAD_OUTPUT": True, "HAS_GRAD_LAST": True, "STORE_GRAD_H0": True}, 1)
     assert vector_loads(ptx)[0] >= (4 if output_gate else 3)  # gates, cell, grad output

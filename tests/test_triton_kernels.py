@@ -255,6 +255,29 @@ def test_fused_pool_with_one_output_unused(used):
         assert_close(got, want, torch.float32, name)
 
 
+@pytest.mark.parametrize("function", ["pool", "forget_mult"])
+def test_backward_writes_nothing_into_its_inputs_when_h0_needs_no_gradient(function):
+    """With an h0 that needs no gradient the kernels must not store dh0 anywhere (e.g. into a stand-in)."""
+    from models.ops.forget_mult_triton import forget_mult_triton
+
+    gates, hidden, grad_output, _ = pool_inputs(4, 2, 9, torch.float32, seed=6)
+    if function == "forget_mult":
+        gates = gates[..., :9].sigmoid().contiguous()
+        x = torch.randn(4, 2, 9, device=DEVICE)
+        inputs = [gates.clone().requires_grad_(), x.clone().requires_grad_()]
+        h, _ = forget_mult_triton(*inputs, hidden)
+    else:
+        inputs = [gates.clone().requires_grad_()]
+        h, _ = fused(inputs[0], hidden)
+    saved = [t.detach().clone() for t in inputs] + [hidden.clone()]
+    (h * grad_output).sum().backward()
+    for before, after in zip(saved, [t.detach() for t in inputs] + [hidden]):
+        assert torch.equal(before, after)
+    expected = pool_results(eager, gates, hidden, grad_output, None)[2] if function == "pool" else None
+    if expected is not None:
+        assert_close(inputs[0].grad, expected, torch.float32, "d gates")
+
+
 def test_fused_pool_without_grad_runs_without_autograd():
     gates, hidden, _, _ = pool_inputs(4, 2, 9, torch.float32, seed=4)
     with torch.no_grad():

@@ -173,7 +173,7 @@ def _qrnn_backward_kernel(
     gates_ptr, cell_ptr, h0_ptr, lengths_ptr, mask_ptr, grad_output_ptr, grad_last_ptr, grad_gates_ptr, grad_h0_ptr,
     num_steps, hidden_size, forget_scale, first_step, direction, gates_first, gates_stride, state_first, state_stride,
     HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, OUTPUT_GATE: tl.constexpr,
-    HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_LAST: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_LAST: tl.constexpr, STORE_GRAD_H0: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     """The walk back: `first_step` is the forward pass's last step and `direction` the opposite of its own.
 
@@ -242,7 +242,7 @@ def _qrnn_backward_kernel(
         mask_ptrs += state_stride
         grad_output_ptrs += state_stride
         step += direction
-    if HAS_H0:
+    if STORE_GRAD_H0:
         tl.store(grad_h0_ptr + state_row, carry.to(grad_h0_ptr.dtype.element_ty), mask=keep)
 
 
@@ -324,7 +324,7 @@ class QRNNPoolTriton(torch.autograd.Function):
                 *_walk(num_steps, batch_size, gates.size(2), hidden_size, backwards_in_time=not reverse),
                 HAS_H0=hidden is not None, HAS_LENGTHS=lengths is not None, HAS_MASK=forget_mask is not None,
                 OUTPUT_GATE=output_gate, HAS_GRAD_OUTPUT=grad_output is not None, HAS_GRAD_LAST=grad_last is not None,
-                BLOCK_SIZE=config.block_size, **config.launch_options(),
+                STORE_GRAD_H0=grad_h0 is not None, BLOCK_SIZE=config.block_size, **config.launch_options(),
             )
         return grad_gates, grad_h0, None, None, None, None, None, None
 
