@@ -45,6 +45,7 @@ except ImportError as error:
     ) from error
 
 from models.ops.forget_mult import TRITON_DTYPES, triton_device
+from models.ops.forget_mult_triton import _last_row, _linear_recurrence  # the time-chunked kernels' scan
 from models.ops.triton_launch import choose_config, device_guard, KernelConfig
 
 
@@ -107,12 +108,6 @@ def _qrnn_forward_kernel(
 
 
 @triton.jit
-def _linear_recurrence(a_earlier, b_earlier, a_later, b_later):
-    """Compose c -> a_e c + b_e, then c -> a_l c + b_l: (a_l a_e, a_l b_e + b_l)."""
-    return a_later * a_earlier, a_later * b_earlier + b_later
-
-
-@triton.jit
 def _qrnn_forward_chunked_kernel(
     gates_ptr, h0_ptr, lengths_ptr, mask_ptr, output_ptr, cell_ptr, last_ptr,
     num_steps, hidden_size, forget_scale, first_step, direction, gates_first, gates_stride, state_first, state_stride,
@@ -162,7 +157,7 @@ def _qrnn_forward_chunked_kernel(
         tl.store(output_ptr + state_chunk + state_offsets, output.to(output_ptr.dtype.element_ty), mask=tile_mask)
         if STORE_CELL:
             tl.store(cell_ptr + state_chunk + state_offsets, cells.to(cell_ptr.dtype.element_ty), mask=tile_mask)
-        state = tl.sum(tl.where(rows[:, None] == TIME_CHUNK - 1, cells, 0.0), axis=0)
+        state = _last_row(cells, rows, TIME_CHUNK)
         gates_chunk += TIME_CHUNK * gates_stride
         state_chunk += TIME_CHUNK * state_stride
     tl.store(last_ptr + state_row, state.to(last_ptr.dtype.element_ty), mask=keep)

@@ -1,7 +1,7 @@
 """Launch parameters of the recurrence kernels (ForgetMult, the fused QRNN layer), explicit and tunable.
 
 Both kernels give each program a block of columns (units) and walk over time inside the program, so
-time is sequential and columns are parallel. Two things decide their speed on a GPU:
+time is sequential and columns are parallel. Three things decide their speed on a GPU:
 
 - enough programs to fill the machine: with few columns (batch 8, 320 units) small blocks give more
   programs; with many (B 256, H 1024) the largest block that still leaves `PROGRAMS_PER_SM` programs
@@ -37,7 +37,7 @@ PROGRAMS_PER_SM = 4  # programs wanted per multiprocessor before blocks grow
 ACCESS_BYTES = 16  # bytes each thread moves per array and step: one 128-bit access
 CHUNK_VALUES = 32  # values per thread and array in a time chunk (rows x vector): registers stay in bounds
 MAX_TIME_CHUNK = 16
-LONG_WALK = 64  # ForgetMult walks at least this long, on a GPU, take the time-chunked kernels
+LONG_WALK = 64  # walks at least this long, on a GPU, take the time-chunked kernels
 HOST_SMS = 4  # "multiprocessors" assumed under Triton's interpreter (tests), where nothing is timed
 
 
@@ -45,8 +45,9 @@ HOST_SMS = 4  # "multiprocessors" assumed under Triton's interpreter (tests), wh
 class KernelConfig:
     """One launch configuration: columns per program, warps, software-pipelining stages, time chunk.
 
-    `num_stages` None leaves Triton's default. `time_chunk` > 1 picks ForgetMult's time-chunked kernels
-    (that many rows loaded at once); the fused QRNN kernels walk row by row and ignore it. Written
+    `num_stages` None leaves Triton's default. `time_chunk` > 1 picks the time-chunked kernels (that many
+    rows loaded at once): ForgetMult's forward and backward, the fused QRNN layer's forward (its backward
+    walks row by row). Written
     BLOCKxWARPS[xSTAGES][tCHUNK] on the benchmarks' command line: `256x4`, `1024x4t4`, `512x4x3t8`.
     """
 
