@@ -112,6 +112,11 @@ def test_fused_qrnn_kernels_compile_with_vector_loads(output_gate, padded):
                            {**options, "BLOCK_SIZE": 128, "STORE_CELL": False, "TIME_CHUNK": 8}, 1)
     assert vector_loads(ptx)[0] >= 8 * (3 if output_gate else 2)
     assert "shfl" not in ptx  # each thread holds all 8 steps of its units: the scan runs in registers
+    for element, block in (("fp32", 128), ("bf16", 256)):  # the backward of both default launches
+        ptx = compile_for_sm90(module._qrnn_backward_chunked_kernel, element,
+                               {**options, "BLOCK_SIZE": block, "HAS_GRAD_OUTPUT": True, "HAS_GRAD_LAST": True,
+                                "STORE_GRAD_H0": True, "TIME_CHUNK": module.BACKWARD_MAX_CHUNK}, 1)
+        assert vector_loads(ptx)[0] >= module.BACKWARD_MAX_CHUNK * (5 if output_gate else 3) and "shfl" not in ptx
     ptx = compile_for_sm90(module._qrnn_backward_kernel, "bf16",
                            {**options, "HAS_GRAD_OUTPUT": True, "HAS_GRAD_LAST": True, "STORE_GRAD_H0": True}, 1)
     assert vector_loads(ptx)[0] >= (4 if output_gate else 3)  # gates, cell, grad output

@@ -246,16 +246,17 @@ def test_fused_pool_matches_eager(case, reverse):
 
 
 @pytest.mark.parametrize("used", ["output", "last"])
-def test_fused_pool_with_one_output_unused(used):
+@pytest.mark.parametrize("config", [None, CHUNKED], ids=str)
+def test_fused_pool_with_one_output_unused(used, config):
     gates, hidden, grad_output, grad_last = pool_inputs(5, 2, 9, torch.float32, seed=3)
     grads = (grad_output, None) if used == "output" else (None, grad_last)
     expected = pool_results(eager, gates, hidden, *grads)
-    actual = pool_results(fused, gates, hidden, *grads)
+    actual = pool_results(fused, gates, hidden, *grads, config=config)
     for name, got, want in zip(["output", "last", "d gates", "d h0"], actual, expected):
         assert_close(got, want, torch.float32, name)
 
 
-@pytest.mark.parametrize("function", ["pool", "forget_mult"])
+@pytest.mark.parametrize("function", ["pool", "pool chunked", "forget_mult"])
 def test_backward_writes_nothing_into_its_inputs_when_h0_needs_no_gradient(function):
     """With an h0 that needs no gradient the kernels must not store dh0 anywhere (e.g. into a stand-in)."""
     from models.ops.forget_mult_triton import forget_mult_triton
@@ -268,12 +269,12 @@ def test_backward_writes_nothing_into_its_inputs_when_h0_needs_no_gradient(funct
         h, _ = forget_mult_triton(*inputs, hidden)
     else:
         inputs = [gates.clone().requires_grad_()]
-        h, _ = fused(inputs[0], hidden)
+        h, _ = fused(inputs[0], hidden, config=CHUNKED if function == "pool chunked" else None)
     saved = [t.detach().clone() for t in inputs] + [hidden.clone()]
     (h * grad_output).sum().backward()
     for before, after in zip(saved, [t.detach() for t in inputs] + [hidden]):
         assert torch.equal(before, after)
-    expected = pool_results(eager, gates, hidden, grad_output, None)[2] if function == "pool" else None
+    expected = pool_results(eager, gates, hidden, grad_output, None)[2] if function != "forget_mult" else None
     if expected is not None:
         assert_close(inputs[0].grad, expected, torch.float32, "d gates")
 

@@ -11,9 +11,9 @@ will be needed, c), and one backward kernel that writes the gradient of the pre-
 Layout: `gates` is the product's [T, B, G * H] output, rows Z, F (, O) of the layer's weight, so
 gate g of unit u at (t, b) is at ((t * B + b) * G + g) * H + u. Program (i, b) owns units
 i * BLOCK .. i * BLOCK + BLOCK - 1 of batch row b and walks over time, the state in float32
-registers; contiguous units make the loads vector loads. On long sequences the forward kernel loads a
-tile of TIME_CHUNK steps at once and solves ForgetMult inside it by a scan, as ForgetMult's chunked
-kernel does; the backward kernel walks step by step. Lengths come in per batch row, so a
+registers; contiguous units make the loads vector loads. On long sequences both kernels load a tile
+of TIME_CHUNK steps at once (at most `BACKWARD_MAX_CHUNK` in the backward) and solve the recurrence
+inside it by a scan, as ForgetMult's chunked kernels do. Lengths come in per batch row, so a
 padded step costs no mask tensor: step t of row b is valid when t < lengths[b].
 
 Gradients, with g_t the gradient reaching c_t in the walk back (forward direction; reverse mirrors):
@@ -47,6 +47,11 @@ except ImportError as error:
 from models.ops.forget_mult import TRITON_DTYPES, triton_device
 from models.ops.forget_mult_triton import _last_row, _linear_recurrence  # the time-chunked kernels' scan
 from models.ops.triton_launch import choose_config, device_guard, KernelConfig
+
+# The backward tile holds about three times the forward's arrays (this row's and the next row's gates,
+# the cells, the output's gradient): at more than 2 steps of the default launches it spills registers
+# (cuobjdump for sm_90, tests/test_triton_compile.py), so its chunk is capped there.
+BACKWARD_MAX_CHUNK = 2
 
 
 @triton.jit
@@ -241,6 +246,108 @@ def _qrnn_backward_kernel(
         tl.store(grad_h0_ptr + state_row, carry.to(grad_h0_ptr.dtype.element_ty), mask=keep)
 
 
+@triton.jit
+def _qrnn_backward_chunked_kernel(
+    gates_ptr, cell_ptr, h0_ptr, lengths_ptr, mask_ptr, grad_output_ptr, grad_last_ptr, grad_gates_ptr, grad_h0_ptr,
+    num_steps, hidden_size, forget_scale, first_step, direction, gates_first, gates_stride, state_first, state_stride,
+    HAS_H0: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_MASK: tl.constexpr, OUTPUT_GATE: tl.constexpr,
+    HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_LAST: tl.constexpr, STORE_GRAD_H0: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TIME_CHUNK: tl.constexpr,
+):
+    """`_qrnn_backward_kernel`, TIME_CHUNK steps at a time.
+
+    Position p of the walk (p = 0 is the forward pass's last step) has g_p = v_p dL/dh_p o_p +
+    (1 - f_{p-1}) g_{p-1}, with g_{-1} = dL/dc_last: a linear recurrence whose a_p is 1 - f one row back
+    along the walk (recomputed from that row's pre-activation; 1 at p = 0), solved inside each tile by a
+    scan. The state before step p in the forward pass is the cell one row ahead along the walk (h0 at
+    the walk's last position).
+    """
+    batch = tl.program_id(1)
+    units = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    keep = units < hidden_size
+    rows = tl.arange(0, TIME_CHUNK)
+    gate_count: tl.constexpr = 3 if OUTPUT_GATE else 2
+    state_row = batch * hidden_size + units
+    if HAS_GRAD_LAST:
+        carry = tl.load(grad_last_ptr + state_row, mask=keep, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    if HAS_H0:
+        initial = tl.load(h0_ptr + state_row, mask=keep, other=0.0).to(tl.float32)
+    else:
+        initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    grad_initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + batch)
+    gate_offsets = rows[:, None] * gates_stride + (batch * gate_count * hidden_size + units)[None, :]
+    state_offsets = rows[:, None] * state_stride + state_row[None, :]
+    gates_chunk = gates_ptr + gates_first
+    grad_gates_chunk = grad_gates_ptr + gates_first
+    state_chunk = state_first
+    for start in range(0, num_steps, TIME_CHUNK):
+        positions = start + rows
+        inside = positions < num_steps
+        tile_mask = inside[:, None] & keep[None, :]
+        back_mask = (inside & (positions >= 1))[:, None] & keep[None, :]
+        candidate = _tanh(tl.load(gates_chunk + gate_offsets, mask=tile_mask, other=0.0).to(tl.float32))
+        sigma = tl.sigmoid(tl.load(gates_chunk + gate_offsets + hidden_size, mask=tile_mask, other=0.0)
+                           .to(tl.float32))
+        sigma_back = tl.sigmoid(tl.load(gates_chunk + gate_offsets + (hidden_size - gates_stride), mask=back_mask,
+                                        other=0.0).to(tl.float32))
+        scale = tl.zeros([TIME_CHUNK, BLOCK_SIZE], dtype=tl.float32) + forget_scale
+        scale_back = tl.where(back_mask, forget_scale, 0.0)
+        if HAS_MASK:
+            scale *= tl.load(mask_ptr + state_chunk + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            scale_back *= tl.load(mask_ptr + state_chunk + state_offsets - state_stride, mask=back_mask,
+                                  other=0.0).to(tl.float32)
+        if HAS_LENGTHS:
+            times = first_step + positions * direction  # each row's step in forward time
+            valid = (times < length).to(tl.float32)[:, None]
+            scale *= valid
+            scale_back *= ((times - direction) < length).to(tl.float32)[:, None]
+        forget = sigma * scale
+        grad_in = tl.zeros([TIME_CHUNK, BLOCK_SIZE], dtype=tl.float32)
+        if HAS_GRAD_OUTPUT:
+            grad_output = tl.load(grad_output_ptr + state_chunk + state_offsets, mask=tile_mask, other=0.0
+                                  ).to(tl.float32)
+            if HAS_LENGTHS:
+                grad_output *= valid
+            if OUTPUT_GATE:
+                out_gate = tl.sigmoid(tl.load(gates_chunk + gate_offsets + 2 * hidden_size, mask=tile_mask,
+                                              other=0.0).to(tl.float32))
+                cell = tl.load(cell_ptr + state_chunk + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+                grad_in = grad_output * out_gate
+                tl.store(grad_gates_chunk + gate_offsets + 2 * hidden_size,
+                         (grad_output * cell * out_gate * (1.0 - out_gate)).to(grad_gates_ptr.dtype.element_ty),
+                         mask=tile_mask)
+            else:
+                grad_in = grad_output
+        elif OUTPUT_GATE:
+            tl.store(grad_gates_chunk + gate_offsets + 2 * hidden_size, grad_in.to(grad_gates_ptr.dtype.element_ty),
+                     mask=tile_mask)
+        decays, drives = tl.associative_scan((1.0 - sigma_back * scale_back, grad_in), 0, _linear_recurrence)
+        gradient = drives + decays * carry[None, :]
+        ahead_mask = (positions + 1 < num_steps)[:, None] & keep[None, :]
+        previous = tl.load(cell_ptr + state_chunk + state_offsets + state_stride, mask=ahead_mask, other=0.0
+                           ).to(tl.float32)
+        at_start = (positions == num_steps - 1)[:, None]  # the forward pass's first step: h0 before it
+        previous = tl.where(at_start, initial[None, :], previous)
+        tl.store(grad_gates_chunk + gate_offsets,
+                 (gradient * forget * (1.0 - candidate * candidate)).to(grad_gates_ptr.dtype.element_ty),
+                 mask=tile_mask)
+        tl.store(grad_gates_chunk + gate_offsets + hidden_size,
+                 (gradient * (candidate - previous) * scale * sigma * (1.0 - sigma))
+                 .to(grad_gates_ptr.dtype.element_ty), mask=tile_mask)
+        if STORE_GRAD_H0:
+            grad_initial += tl.sum(tl.where(at_start, gradient * (1.0 - forget), 0.0), axis=0)
+        carry = _last_row(gradient, rows, TIME_CHUNK)
+        gates_chunk += TIME_CHUNK * gates_stride
+        grad_gates_chunk += TIME_CHUNK * gates_stride
+        state_chunk += TIME_CHUNK * state_stride
+    if STORE_GRAD_H0:
+        tl.store(grad_h0_ptr + state_row, grad_initial.to(grad_h0_ptr.dtype.element_ty), mask=keep)
+
+
 def _walk(num_steps: int, batch_size: int, width: int, hidden_size: int, backwards_in_time: bool) -> tuple:
     """(first step, direction, gates offset of its row, gates step stride, state offset, state step stride)."""
     first = num_steps - 1 if backwards_in_time else 0
@@ -310,8 +417,12 @@ class QRNNPoolTriton(torch.autograd.Function):
         needs_h0 = hidden is not None and ctx.needs_input_grad[1]
         grad_h0 = torch.empty_like(hidden) if needs_h0 else None
         grid = (triton.cdiv(hidden_size, config.block_size), batch_size)
+        kernel, chunk = _qrnn_backward_kernel, {}
+        if config.time_chunk > 1:
+            chunk = {"TIME_CHUNK": min(config.time_chunk, BACKWARD_MAX_CHUNK)}
+            kernel = _qrnn_backward_chunked_kernel
         with device_guard(gates):
-            _qrnn_backward_kernel[grid](
+            kernel[grid](
                 gates, cell, gates if hidden is None else hidden, gates if lengths is None else lengths,
                 gates if forget_mask is None else forget_mask, gates if grad_output is None else grad_output,
                 gates if grad_last is None else grad_last, grad_gates, gates if grad_h0 is None else grad_h0,
@@ -319,7 +430,7 @@ class QRNNPoolTriton(torch.autograd.Function):
                 *_walk(num_steps, batch_size, gates.size(2), hidden_size, backwards_in_time=not reverse),
                 HAS_H0=hidden is not None, HAS_LENGTHS=lengths is not None, HAS_MASK=forget_mask is not None,
                 OUTPUT_GATE=output_gate, HAS_GRAD_OUTPUT=grad_output is not None, HAS_GRAD_LAST=grad_last is not None,
-                STORE_GRAD_H0=grad_h0 is not None, BLOCK_SIZE=config.block_size, **config.launch_options(),
+                STORE_GRAD_H0=grad_h0 is not None, BLOCK_SIZE=config.block_size, **chunk, **config.launch_options(),
             )
         return grad_gates, grad_h0, None, None, None, None, None, None
 
@@ -341,7 +452,7 @@ def qrnn_pool_triton(
         reverse: run from step T - 1 down to 0 (the backward direction of a bidirectional layer).
         output_gate: whether `gates` has O (h = o * c) or not (h = c).
         config: launch parameters; None: `choose_config`'s default for (H, B, T). A `time_chunk` above 1
-            takes the time-chunked forward kernel; the backward kernel walks step by step.
+            takes the time-chunked kernels.
 
     Returns:
         output [T, B, H] and the state after the last step processed [B, H], in the dtype of `gates`.

@@ -46,8 +46,7 @@ class KernelConfig:
     """One launch configuration: columns per program, warps, software-pipelining stages, time chunk.
 
     `num_stages` None leaves Triton's default. `time_chunk` > 1 picks the time-chunked kernels (that many
-    rows loaded at once): ForgetMult's forward and backward, the fused QRNN layer's forward (its backward
-    walks row by row). Written
+    rows loaded at once), forward and backward. Written
     BLOCKxWARPS[xSTAGES][tCHUNK] on the benchmarks' command line: `256x4`, `1024x4t4`, `512x4x3t8`.
     """
 
