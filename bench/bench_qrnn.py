@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=GRID_BATCHES, help="--grid: batch sizes")
     parser.add_argument("--lengths", type=int, nargs="+", default=GRID_LENGTHS, help="--grid: sequence lengths")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="--grid: parameters and input")
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA: let both cuDNN (the LSTM) and cuBLAS (the QRNN's product) use TF32; by default "
+                             "neither does (PyTorch's defaults differ: cuDNN on, cuBLAS off, which favours the LSTM)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
@@ -190,9 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     machine = machine_info(args.device)
+    machine["tf32"] = args.tf32
     print(f"machine: {machine['cpu']}, {machine['threads']} torch threads, torch {machine['torch']}, "
-          f"device {machine.get('gpu', machine['device'])}")
+          f"device {machine.get('gpu', machine['device'])}"
+          + (f", TF32 {'on' if args.tf32 else 'off'} for cuDNN and cuBLAS" if args.device.type == "cuda" else ""))
     results = grid_mode(args, machine) if args.grid else shapes_mode(args, machine)
     write_results(args.json, results)
     return results

@@ -9,9 +9,11 @@ The same tests run in two places:
   tests only) lets CPU tensors reach the kernels.
 
 Elsewhere (no GPU, no interpreter) the module is skipped. Sizes are small, since the interpreter runs
-each program in Python: odd sizes (not multiples of any block), T = 1, a block of 32 forced so that
-several programs share a row, both directions. Fresh buffers are NaN-filled as in test_forget_mult.py,
-so a kernel that leaves part of an output unwritten fails.
+each program in Python: odd sizes (not multiples of any block, so several programs share a row and the
+last is partly masked), T = 1, both directions, and explicit launch configs, among them the
+time-chunked kernels (tiles of 4 steps, 2 in the fused backward) on lengths that are not a multiple of
+the tile. Fresh buffers are NaN-filled as in test_forget_mult.py, so a kernel that leaves part of an
+output unwritten fails.
 """
 
 import importlib.util
