@@ -264,17 +264,20 @@ def bandwidth_variants(device: torch.device, configs: list[KernelConfig]) -> dic
     return variants
 
 
-def check_against(function: Callable, reference: Callable, inputs: dict[str, torch.Tensor]) -> float:
-    """Largest |function - reference| over h, h_last, df, dx, dh0; RuntimeError beyond the dtype's tolerance."""
-    results = []
-    for candidate in (function, reference):
-        clear_grads(inputs)
-        h, h_last = forward_backward(candidate, inputs)
-        results.append([h, h_last] + [inputs[key].grad.clone() for key in ("f", "x", "h0")])
+def results_of(function: Callable, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """h, h_last, df, dx, dh0 of one forward+backward."""
     clear_grads(inputs)
+    h, h_last = forward_backward(function, inputs)
+    results = [h, h_last] + [inputs[key].grad.clone() for key in ("f", "x", "h0")]
+    clear_grads(inputs)
+    return results
+
+
+def check_against(function: Callable, expected: list[torch.Tensor], inputs: dict[str, torch.Tensor]) -> float:
+    """Largest |function - expected| over h, h_last, df, dx, dh0; RuntimeError beyond the dtype's tolerance."""
     rtol, atol = TOLERANCE[inputs["f"].dtype]
     largest = 0.0
-    for label, got, want in zip(("h", "h_last", "df", "dx", "dh0"), *results):
+    for label, got, want in zip(("h", "h_last", "df", "dx", "dh0"), results_of(function, inputs), expected):
         difference = (got.double() - want.double()).abs().max().item()
         largest = max(largest, difference)
         if not torch.allclose(got.double(), want.double(), rtol=rtol, atol=atol):
@@ -290,8 +293,9 @@ def bandwidth_mode(args: argparse.Namespace, machine: dict) -> dict:
         inputs = make_inputs(num_steps, args.batch_size, args.hidden, dtype, device, args.seed)
         variants = bandwidth_variants(device, args.configs)
         # The kernels against the PyTorch path on CUDA; on the CPU that path against the per-step loop.
-        reference = forget_mult_torch if device.type == "cuda" else forget_mult_ref
-        differences = {name: check_against(function, reference, inputs) for name, function in variants.items()}
+        expected = results_of(forget_mult_torch if device.type == "cuda" else forget_mult_ref, inputs)
+        differences = {name: check_against(function, expected, inputs) for name, function in variants.items()}
+        del expected
         copy = copy_rate(inputs)
         timings: dict[str, list[float]] = {"copy": []}
         for name in variants:

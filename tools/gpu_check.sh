@@ -71,8 +71,8 @@ else
         --seed 141 --epochs 1 --max-steps 600 --log-interval 100 --device "$DEV" --run-dir "$OUT/main_run"
     step forget_mult "$LIMIT" python bench/bench_forget_mult.py --device "$DEV" --json "$OUT/forget_mult.json"
     # ForgetMult at B 256, H 1024, T 2048 against the copy rate (target 80 %), the Triton launch configs swept
-    step forget_mult_bandwidth "$LIMIT" python bench/bench_forget_mult.py --device "$DEV" --bandwidth \
-        --configs 256x4 1024x4 256x1 256x1t4 512x2t4 256x2t8 512x4t8 1024x4t4 --json "$OUT/forget_mult_bandwidth.json"
+    step forget_mult_bandwidth 300 python bench/bench_forget_mult.py --device "$DEV" --bandwidth \
+        --configs 256x4 1024x4 256x1t4 512x2t4 256x2t8 1024x4t4 --json "$OUT/forget_mult_bandwidth.json"
     step qrnn "$LIMIT" python bench/bench_qrnn.py --device "$DEV" --json "$OUT/qrnn.json"
     # the QRNN paper's inference grid (320 units, batch 8-256, T 32-512) against nn.LSTM, eager and fused
     step qrnn_grid "$LIMIT" python bench/bench_qrnn.py --device "$DEV" --grid --json "$OUT/qrnn_grid.json"
