@@ -256,7 +256,7 @@ def _forget_mult_backward_chunked_kernel(
         initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     grad_initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     offsets = rows[:, None] * step_stride + columns[None, :]
-    chunk = first_offset
+    chunk = first_offset  # 32-bit: the host takes the row kernel where the offsets would not fit
     for start in range(0, num_steps, TIME_CHUNK):
         positions = start + rows
         inside = positions < num_steps
@@ -300,8 +300,10 @@ def _forward_kernel(config: KernelConfig) -> tuple[Any, dict]:
     return _forget_mult_forward_chunked_kernel, {"TIME_CHUNK": config.time_chunk}
 
 
-def _backward_kernel(config: KernelConfig) -> tuple[Any, dict]:
-    if config.time_chunk == 1:
+def _backward_kernel(config: KernelConfig, num_steps: int, num_columns: int) -> tuple[Any, dict]:
+    """The backward kernel: the chunked one indexes with 32-bit offsets (fewer registers than a 64-bit
+    pointer per array), so tensors past 2**31 elements take the row kernel."""
+    if config.time_chunk == 1 or (num_steps + config.time_chunk + 1) * num_columns >= 2**31:
         return _forget_mult_backward_kernel, {}
     return _forget_mult_backward_chunked_kernel, {"TIME_CHUNK": config.time_chunk}
 
@@ -352,7 +354,7 @@ class ForgetMultTriton(torch.autograd.Function):
         grad_h0 = torch.empty(h0.shape, dtype=h0.dtype, device=h0.device) if h0 is not None else None
         first_offset, step_stride = _walk(num_steps, num_columns, backwards_in_time=not ctx.reverse)
         grid = (triton.cdiv(num_columns, config.block_size),)
-        kernel, chunk = _backward_kernel(config)
+        kernel, chunk = _backward_kernel(config, num_steps, num_columns)
         with device_guard(f):
             # f stands in for absent tensors; the HAS_* flags keep the kernel from touching them.
             kernel[grid](

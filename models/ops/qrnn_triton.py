@@ -29,6 +29,7 @@ Shapes: `T` time steps, `B` batch, `H` hidden size, `G` gates (3 with the output
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -137,8 +138,11 @@ def _qrnn_forward_chunked_kernel(
         length = tl.load(lengths_ptr + batch)
     gate_offsets = rows[:, None] * gates_stride + (batch * gate_count * hidden_size + units)[None, :]
     state_offsets = rows[:, None] * state_stride + state_row[None, :]
+    # Base pointers of the current chunk, advanced by whole chunks (64-bit, so no offset overflows).
     gates_chunk = gates_ptr + gates_first
-    state_chunk = state_first
+    mask_chunk = mask_ptr + state_first
+    output_chunk = output_ptr + state_first
+    cell_chunk = cell_ptr + state_first
     for start in range(0, num_steps, TIME_CHUNK):
         inside = (start + rows) < num_steps
         tile_mask = inside[:, None] & keep[None, :]
@@ -147,7 +151,7 @@ def _qrnn_forward_chunked_kernel(
                             .to(tl.float32)) * forget_scale
         forget = tl.where(tile_mask, forget, 0.0)
         if HAS_MASK:
-            forget *= tl.load(mask_ptr + state_chunk + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            forget *= tl.load(mask_chunk + state_offsets, mask=tile_mask, other=0.0).to(tl.float32)
         if HAS_LENGTHS:
             valid = ((first_step + (start + rows) * direction) < length).to(tl.float32)[:, None]
             forget *= valid
@@ -159,12 +163,14 @@ def _qrnn_forward_chunked_kernel(
                                 .to(tl.float32)) * cells
         if HAS_LENGTHS:
             output *= valid
-        tl.store(output_ptr + state_chunk + state_offsets, output.to(output_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(output_chunk + state_offsets, output.to(output_ptr.dtype.element_ty), mask=tile_mask)
         if STORE_CELL:
-            tl.store(cell_ptr + state_chunk + state_offsets, cells.to(cell_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(cell_chunk + state_offsets, cells.to(cell_ptr.dtype.element_ty), mask=tile_mask)
         state = _last_row(cells, rows, TIME_CHUNK)
         gates_chunk += TIME_CHUNK * gates_stride
-        state_chunk += TIME_CHUNK * state_stride
+        mask_chunk += TIME_CHUNK * state_stride
+        output_chunk += TIME_CHUNK * state_stride
+        cell_chunk += TIME_CHUNK * state_stride
     tl.store(last_ptr + state_row, state.to(last_ptr.dtype.element_ty), mask=keep)
 
 
@@ -283,7 +289,7 @@ def _qrnn_backward_chunked_kernel(
     state_offsets = rows[:, None] * state_stride + state_row[None, :]
     gates_chunk = gates_ptr + gates_first
     grad_gates_chunk = grad_gates_ptr + gates_first
-    state_chunk = state_first
+    state_chunk = state_first  # 32-bit: the host takes the row kernel where the offsets would not fit
     for start in range(0, num_steps, TIME_CHUNK):
         positions = start + rows
         inside = positions < num_steps
@@ -370,6 +376,8 @@ def _launch_forward(
     cell = torch.empty_like(output) if store_cell and not cell_is_output else None
     if config is None:
         config = choose_config(hidden_size, batch_size, gates.dtype, gates.device, num_steps)
+        if (config.time_chunk + 1) * batch_size * width >= 2**31:  # a tile's offsets are 32-bit
+            config = dataclasses.replace(config, time_chunk=1)
     grid = (triton.cdiv(hidden_size, config.block_size), batch_size)
     kernel, chunk = _qrnn_forward_kernel, {}
     if config.time_chunk > 1:
@@ -418,9 +426,9 @@ class QRNNPoolTriton(torch.autograd.Function):
         grad_h0 = torch.empty_like(hidden) if needs_h0 else None
         grid = (triton.cdiv(hidden_size, config.block_size), batch_size)
         kernel, chunk = _qrnn_backward_kernel, {}
-        if config.time_chunk > 1:
-            chunk = {"TIME_CHUNK": min(config.time_chunk, BACKWARD_MAX_CHUNK)}
-            kernel = _qrnn_backward_chunked_kernel
+        steps = min(config.time_chunk, BACKWARD_MAX_CHUNK)
+        if steps > 1 and (num_steps + steps + 1) * gates[0].numel() < 2**31:  # its offsets are 32-bit
+            kernel, chunk = _qrnn_backward_chunked_kernel, {"TIME_CHUNK": steps}
         with device_guard(gates):
             kernel[grid](
                 gates, cell, gates if hidden is None else hidden, gates if lengths is None else lengths,
