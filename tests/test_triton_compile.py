@@ -120,3 +120,14 @@ def test_fused_qrnn_kernels_compile_with_vector_loads(output_gate, padded):
     ptx = compile_for_sm90(module._qrnn_backward_kernel, "bf16",
                            {**options, "HAS_GRAD_OUTPUT": True, "HAS_GRAD_LAST": True, "STORE_GRAD_H0": True}, 1)
     assert vector_loads(ptx)[0] >= (4 if output_gate else 3)  # gates, cell, grad output
+
+
+def test_chunked_backward_only_where_its_32_bit_offsets_fit():
+    """The chunked backward kernels index with 32-bit offsets; past 2**31 elements the row kernel runs."""
+    from models.ops import forget_mult_triton as module
+    from models.ops.triton_launch import KernelConfig
+
+    config = KernelConfig(256, 1, time_chunk=4)
+    assert module._backward_kernel(config, 2048, 2**18)[0] is module._forget_mult_backward_chunked_kernel
+    assert module._backward_kernel(config, 2048, 2**20)[0] is module._forget_mult_backward_kernel  # 2**31 elements
+    assert module._backward_kernel(KernelConfig(256, 1), 8, 8)[0] is module._forget_mult_backward_kernel
