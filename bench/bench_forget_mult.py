@@ -18,11 +18,22 @@ both; each figure is the median over `--repeats` rounds, and ref/forget_mult is 
 `forget_mult`: the bytes the kernels must read and write (forward: f, x, h0 in, h, h_last out;
 backward: f, x, h, h0 and the two output gradients in, df, dx, dh0 out) over the median time.
 
+`--bandwidth`: the QRNN issue's bandwidth target. ForgetMult forward and forward+backward at B 256,
+H 1024, T 2048 in float32, bfloat16 and float16, as achieved bandwidth (the bytes above over the median
+time), against the rate of a plain copy (`dst.copy_(src)` of one [T, B, H] tensor: 2 x its bytes)
+measured in the same run, interleaved. The target is 80 % of the copy rate (>= 3.4 TB/s in bfloat16 on
+an H200, forward+backward). `--configs` adds launch configurations of the Triton kernels to the default
+one (BLOCKxWARPS[xSTAGES][tCHUNK], see models/ops/triton_launch.py), so one run sweeps them. Each
+variant is first checked against `forget_mult_torch` on the same inputs (on the CPU, the PyTorch
+path against `forget_mult_ref`). On the CPU the same table
+comes from the PyTorch path (`--batch-size`, `--hidden` and `--lengths` make it fit).
+
 Run from the repository root:
 
     python bench/bench_forget_mult.py                        # CPU, 1 thread, T = 35, 105, 500
     python bench/bench_forget_mult.py --threads 2 --json bench/out/forget_mult_2threads.json
     python bench/bench_forget_mult.py --device cuda --dtype bfloat16 --lengths 35 500 2000
+    python bench/bench_forget_mult.py --device cuda --bandwidth --configs 256x4 1024x4 256x1t4 512x2t8
 
 Shapes: `T` time steps, `B` batch, `H` hidden size.
 """
@@ -43,8 +54,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.common import machine_info, synchronize, write_results  # noqa: E402
-from models.ops.forget_mult import forget_mult, forget_mult_ref  # noqa: E402
+from bench.common import machine_info, synchronize, time_call, write_results  # noqa: E402
+from models.ops.forget_mult import forget_mult, forget_mult_ref, forget_mult_torch  # noqa: E402
+from models.ops.triton_launch import choose_config, KernelConfig  # noqa: E402
 
 PASSES = ("forward", "forward+backward")
 VARIANTS: dict[str, Callable] = {"forget_mult": forget_mult, "ref": forget_mult_ref}
@@ -57,11 +69,20 @@ TOLERANCE = {  # (rtol, atol) of the check before timing, per dtype
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=20, help="batch size B")
-    parser.add_argument("--hidden", type=int, default=640, help="hidden size H")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[35, 105, 500],
-                        help="sequence lengths T to time, each with both passes")
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                        help="batch size B (default 20; 256 with --bandwidth)")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size H (default 640; 1024 with --bandwidth)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="sequence lengths T to time, each with both passes (default 35 105 500; 2048 with "
+                             "--bandwidth)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of f, x and h0")
+    parser.add_argument("--bandwidth", action="store_true",
+                        help="achieved bandwidth against a copy's, float32/bfloat16/float16 (see the docstring)")
+    parser.add_argument("--dtypes", choices=sorted(DTYPES), nargs="+", default=["float32", "bfloat16", "float16"],
+                        help="--bandwidth: dtypes to measure")
+    parser.add_argument("--configs", nargs="*", default=[],
+                        help="--bandwidth on CUDA: Triton launch configurations to time beside the default, "
+                             "e.g. 256x4 1024x4t4")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (intra-op CPU threads)")
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed rounds per (length, pass); a round runs each variant once")
@@ -70,6 +91,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and output gradients")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    defaults = (256, 1024, [2048]) if args.bandwidth else (20, 640, [35, 105, 500])
+    args.batch_size = defaults[0] if args.batch_size is None else args.batch_size
+    args.hidden = defaults[1] if args.hidden is None else args.hidden
+    args.lengths = defaults[2] if args.lengths is None else args.lengths
+    try:
+        args.configs = [KernelConfig.parse(text) for text in args.configs]
+    except ValueError as error:
+        parser.error(str(error))
     if min(args.lengths) < 1 or args.batch_size < 1 or args.hidden < 1 or args.threads < 1 or args.repeats < 1:
         parser.error("--lengths, --batch-size, --hidden, --threads and --repeats must be positive")
     if args.warmup < 0:
@@ -216,6 +245,111 @@ def format_table(rows: list[dict], on_cuda: bool) -> str:
     return "\n".join(lines)
 
 
+def copy_rate(inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """A plain copy of one [T, B, H] tensor into another, the reference rate of the memory system."""
+    source = inputs["x"].detach()
+    target = torch.empty_like(source)
+    return lambda: target.copy_(source)
+
+
+def bandwidth_variants(device: torch.device, configs: list[KernelConfig]) -> dict[str, Callable]:
+    """ForgetMult functions to time: the default launch and each of `configs` (CUDA); the PyTorch path (CPU)."""
+    if device.type != "cuda":
+        return {"torch path": forget_mult}
+    from models.ops.forget_mult_triton import forget_mult_triton
+
+    variants = {"default": forget_mult_triton}
+    for config in configs:
+        variants[str(config)] = lambda f, x, h0, config=config: forget_mult_triton(f, x, h0, config=config)
+    return variants
+
+
+def results_of(function: Callable, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """h, h_last, df, dx, dh0 of one forward+backward."""
+    clear_grads(inputs)
+    h, h_last = forward_backward(function, inputs)
+    results = [h, h_last] + [inputs[key].grad.clone() for key in ("f", "x", "h0")]
+    clear_grads(inputs)
+    return results
+
+
+def check_against(function: Callable, expected: list[torch.Tensor], inputs: dict[str, torch.Tensor]) -> float:
+    """Largest |function - expected| over h, h_last, df, dx, dh0; RuntimeError beyond the dtype's tolerance."""
+    rtol, atol = TOLERANCE[inputs["f"].dtype]
+    largest = 0.0
+    for label, got, want in zip(("h", "h_last", "df", "dx", "dh0"), results_of(function, inputs), expected):
+        difference = (got.double() - want.double()).abs().max().item()
+        largest = max(largest, difference)
+        if not torch.allclose(got.double(), want.double(), rtol=rtol, atol=atol):
+            raise RuntimeError(f"{label}: the variant and its reference differ by up to {difference:.2e}")
+    return largest
+
+
+def bandwidth_mode(args: argparse.Namespace, machine: dict) -> dict:
+    device, num_steps = args.device, args.lengths[0]
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        inputs = make_inputs(num_steps, args.batch_size, args.hidden, dtype, device, args.seed)
+        variants = bandwidth_variants(device, args.configs)
+        # The kernels against the PyTorch path on CUDA; on the CPU that path against the per-step loop.
+        expected = results_of(forget_mult_torch if device.type == "cuda" else forget_mult_ref, inputs)
+        differences = {name: check_against(function, expected, inputs) for name, function in variants.items()}
+        del expected
+        copy = copy_rate(inputs)
+        timings: dict[str, list[float]] = {"copy": []}
+        for name in variants:
+            timings[f"{name} forward"], timings[f"{name} forward+backward"] = [], []
+        for round_index in range(args.warmup + args.repeats):
+            elapsed = {"copy": time_call(copy, device)}
+            for name, function in variants.items():
+                for pass_name in PASSES:
+                    clear_grads(inputs)
+                    elapsed[f"{name} {pass_name}"] = time_call(lambda: PASS_FUNCTIONS[pass_name](function, inputs),
+                                                               device)
+            if round_index >= args.warmup:
+                for key, value in elapsed.items():
+                    timings[key].append(value)
+        clear_grads(inputs)
+        element = inputs["f"].element_size()
+        copy_seconds = statistics.median(timings["copy"])
+        copy_bytes = 2 * num_steps * args.batch_size * args.hidden * element
+        copy_rate_gb = copy_bytes / copy_seconds / 1e9
+        for name in variants:
+            config = name
+            if name == "default" and device.type == "cuda":
+                config = f"default = {choose_config(args.batch_size * args.hidden, 1, dtype, device, num_steps)}"
+            row = {"dtype": dtype_name, "config": config, "copy_gb_per_s": copy_rate_gb,
+                   "max_difference": differences[name]}
+            for pass_name in PASSES:
+                seconds = statistics.median(timings[f"{name} {pass_name}"])
+                moved = bytes_moved(num_steps, args.batch_size, args.hidden, dtype, pass_name)
+                row[f"{pass_name}_ms"] = 1000 * seconds
+                row[f"{pass_name}_gb_per_s"] = moved / seconds / 1e9
+                row[f"{pass_name}_of_copy"] = row[f"{pass_name}_gb_per_s"] / copy_rate_gb
+            rows.append(row)
+        print(f"  done: {dtype_name}", file=sys.stderr, flush=True)
+        del inputs, copy
+    header = (f"{'dtype':<9} {'config':<22} {'copy GB/s':>9}  {'fwd ms':>8} {'fwd GB/s':>9} {'of copy':>7}  "
+              f"{'f+b ms':>8} {'f+b GB/s':>9} {'of copy':>7}  {'max diff':>8}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['dtype']:<9} {row['config']:<22} {row['copy_gb_per_s']:>9.1f}  {row['forward_ms']:>8.3f} "
+              f"{row['forward_gb_per_s']:>9.1f} {row['forward_of_copy']:>6.0%}  {row['forward+backward_ms']:>8.3f} "
+              f"{row['forward+backward_gb_per_s']:>9.1f} {row['forward+backward_of_copy']:>6.0%}  "
+              f"{row['max_difference']:>8.1e}")
+    print(f"B {args.batch_size}, H {args.hidden}, T {num_steps}, h0 given; medians of {args.repeats} interleaved "
+          f"rounds after {args.warmup} warm-up rounds ({'CUDA events' if device.type == 'cuda' else 'wall time'}); "
+          "GB/s = bytes the kernels must read and write / median time (forward: f, x in, h out; backward: f, x, h, "
+          "dL/dh in, df, dx out); copy: 2 x one [T, B, H] tensor's bytes / its median time; target: "
+          "forward+backward at 80 % of the copy rate")
+    return {"benchmark": "forget_mult_bandwidth", "machine": machine,
+            "config": {"batch_size": args.batch_size, "hidden": args.hidden, "length": num_steps,
+                       "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed},
+            "results": rows}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -228,6 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"torch {machine['torch']}, device {machine.get('gpu', machine['device'])}"
         + (f", triton {'installed' if machine['triton'] else 'missing'}" if on_cuda else "")
     )
+    if args.bandwidth:
+        results = bandwidth_mode(args, machine)
+        write_results(args.json, results)
+        return results
     print(
         f"forget_mult: B {args.batch_size}, H {args.hidden}, {str(args.dtype).replace('torch.', '')}, h0 given, "
         f"T in {args.lengths}; {args.warmup} warmup + {args.repeats} timed rounds"

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -76,3 +77,18 @@ def write_results_section(title: str, body: str, path: Path = RESULTS_PATH) -> N
         lines[at:at] = [section if at < len(lines) else "\n" + section]
     path.write_text("".join(lines).rstrip("\n") + "\n")
     print(f"wrote the section '{heading}' of {path}")
+
+
+def time_call(function, device: torch.device) -> float:
+    """Seconds one call of `function()` takes on `device`: CUDA events on a GPU (the device's timeline from
+    the first launch to the last kernel's end, host gaps included), wall time on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started

@@ -7,8 +7,14 @@ convolution, paper eq. 1), then runs the only sequential part, the ForgetMult re
     c_t = f_t * z_t + (1 - f_t) * c_{t-1},        h_t = o_t * c_t
 
 (fo-pooling, paper eq. 4, with the roles of f and 1 - f swapped as in the reference code:
-f weighs the new candidate). The recurrence is `models.ops.forget_mult.forget_mult`, which
-picks the CUDA kernel or the CPU path by itself; `use_cuda` is accepted and ignored.
+f weighs the new candidate). After the layer's one matrix product, the rest of a layer (the gate
+activations, ForgetMult, the output gate, zoneout and padding) runs either
+
+- fused: one Triton kernel forward and one backward (`models.ops.qrnn_triton`), for float16,
+  bfloat16 and float32 CUDA tensors when Triton is installed and the layer's `use_cuda` is True
+  (the default), so that a layer call costs its matrix product and one recurrence kernel; or
+- eagerly (`pool_eager`): PyTorch ops around `models.ops.forget_mult.forget_mult`, the reference
+  the fused path is tested against, taken on CPU, for float64, without Triton, or with `use_cuda=False`.
 
 Three layers of API, thinnest last:
 
@@ -34,7 +40,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import NamedTuple, Sequence
+import functools
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +49,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from models.core import add_argument_once, add_stack_args, Core, register_core, stack_dropout
-from models.ops.forget_mult import ForgetMult, forget_mult  # noqa: F401 (ForgetMult: torchqrnn's import path)
+from models.ops.forget_mult import (  # noqa: F401 (ForgetMult: torchqrnn's import path)
+    TRITON_DTYPES, ForgetMult, forget_mult, triton_device)
 
 
 class QRNNState(NamedTuple):
@@ -69,6 +77,51 @@ def _check_lengths(lengths: torch.Tensor | Sequence[int], steps: int, batch_size
     return lengths
 
 
+@functools.lru_cache(maxsize=None)
+def load_fused_pool() -> Callable | None:
+    """`qrnn_pool_triton`, or None when Triton cannot be imported (`forget_mult` warns about that once)."""
+    try:
+        from models.ops.qrnn_triton import qrnn_pool_triton
+    except ImportError:
+        return None
+    return qrnn_pool_triton
+
+
+def pool_eager(gates: torch.Tensor, hidden: torch.Tensor | None, valid: torch.Tensor | None,
+               forget_mask: torch.Tensor | None, forget_scale: float, reverse: bool, output_gate: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer after its matrix product, in PyTorch ops: the reference of `qrnn_pool_triton`.
+
+    Args:
+        gates: [T, B, G * H] pre-activations, rows Z, F (, O).
+        hidden: [B, H] initial state in the dtype of `gates`, or None for zeros.
+        valid: [T, B, 1] 1 at valid steps and 0 at padded ones, or None.
+        forget_mask: [T, B, H] zoneout mask multiplying F, or None.
+        forget_scale: constant multiplying F (1 - zoneout in evaluation), used without a mask.
+        reverse: run ForgetMult from the last step to the first.
+        output_gate: h = o * c (QRNN-fo) or h = c (QRNN-f).
+
+    Returns:
+        output [T, B, H] and the state after the last step processed [B, H].
+    """
+    gate_count = 3 if output_gate else 2
+    candidate, forget, *output_gates = gates.chunk(gate_count, dim=2)  # G x [T, B, H]
+    candidate = torch.tanh(candidate)
+    forget = torch.sigmoid(forget)
+    # Paper section 2.1 (zoneout): f = 0 keeps the previous state for that unit and step.
+    if forget_mask is not None:
+        forget = forget * forget_mask
+    elif forget_scale != 1:
+        forget = forget * forget_scale
+    if valid is not None:
+        forget = forget * valid  # padded steps carry the state through
+    cell, last = forget_mult(forget.contiguous(), candidate.contiguous(), hidden, reverse=reverse)
+    output = torch.sigmoid(output_gates[0]) * cell if output_gate else cell  # paper eq. 4
+    if valid is not None:
+        output = output * valid
+    return output, last
+
+
 def _valid_steps(lengths: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
     """1 where step t < lengths[b], else 0: [T, B, 1]."""
     time = torch.arange(steps, device=lengths.device).unsqueeze(1)  # [T, 1]
@@ -91,8 +144,9 @@ class QRNNLayer(nn.Module):
         window: W, how many inputs (the current and W - 1 before it) each step sees. The reference
             supports 1 and 2; any W >= 1 works here.
         output_gate: QRNN-fo (h = o * c) when True, QRNN-f (h = c) when False.
-        use_cuda: accepted for compatibility and ignored: `forget_mult` uses its CUDA kernel
-            whenever the tensors are on a GPU.
+        use_cuda: run the fused Triton kernels on CUDA tensors (the default; see the module
+            docstring). False keeps the eager PyTorch path there too (the reference's meaning:
+            not its CUDA kernel), as the benchmarks do for their eager column.
         bias: whether the gate linear has a bias (not in the reference layer, which always has one).
 
     Raises:
@@ -176,57 +230,81 @@ class QRNNLayer(nn.Module):
         Raises:
             ValueError: on inputs of the wrong shape, or `prev_x` with `reverse`.
         """
+        self.check_run_arguments(x, hidden, prev_x, reverse)
+        if lengths is not None:
+            lengths = _check_lengths(lengths, x.size(0), x.size(1), x.device)
+        return self.run_checked(x, hidden, prev_x, lengths, reverse)
+
+    def check_run_arguments(self, x: torch.Tensor, hidden: torch.Tensor | None, prev_x: torch.Tensor | None,
+                            reverse: bool) -> None:
+        """Raise ValueError naming a bad argument of `run` (shapes only: no device work)."""
         if x.dim() != 3 or x.size(2) != self.input_size or x.size(0) == 0:
             raise ValueError(f"QRNN layer input must be [T >= 1, B, {self.input_size}], got {tuple(x.shape)}")
-        steps, batch_size, _ = x.shape
-        context = self.window - 1
-        if hidden is not None:
-            if hidden.dim() == 3 and hidden.size(0) == 1:
-                hidden = hidden[0]  # [1, B, H] -> [B, H], as the layer itself returns it
-            if hidden.shape != (batch_size, self.hidden_size):
-                raise ValueError(f"hidden must be [{batch_size}, {self.hidden_size}], got {tuple(hidden.shape)}")
+        batch_size, context = x.size(1), self.window - 1
+        if hidden is not None and tuple(hidden.shape) not in ((batch_size, self.hidden_size),
+                                                              (1, batch_size, self.hidden_size)):
+            raise ValueError(f"hidden must be [{batch_size}, {self.hidden_size}], got {tuple(hidden.shape)}")
         if prev_x is not None:
             if reverse:
                 raise ValueError("prev_x precedes the sequence; the reverse direction cannot use it")
             if prev_x.shape != (context, batch_size, self.input_size):
                 raise ValueError(f"prev_x must be [{context}, {batch_size}, {self.input_size}] (window - 1, B, D), "
                                  f"got {tuple(prev_x.shape)}; call reset() when the batch size changes")
+
+    def uses_fused_pool(self, gates: torch.Tensor) -> bool:
+        """Whether this call's pooling takes the fused Triton kernels (see the module docstring)."""
+        return (self.use_cuda and gates.dtype in TRITON_DTYPES and triton_device(gates)
+                and load_fused_pool() is not None)
+
+    def run_checked(self, x: torch.Tensor, hidden: torch.Tensor | None, prev_x: torch.Tensor | None,
+                    lengths: torch.Tensor | None, reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`run` after its checks: `lengths` is None or a checked LongTensor [B] on the device of `x`."""
+        steps, batch_size, _ = x.shape
+        if hidden is not None and hidden.dim() == 3:
+            hidden = hidden[0]  # [1, B, H] -> [B, H], as the layer itself returns it
         valid = None
         if lengths is not None:
-            lengths = _check_lengths(lengths, steps, batch_size, x.device)
             valid = _valid_steps(lengths, steps, x.dtype)  # [T, B, 1]
             x = x * valid  # the reverse window must see zeros after each sequence's end
 
         # Paper eq. 1: all gates of all steps in one product over the window.
         gates = self.linear(self._window_inputs(x, prev_x, reverse))  # [T, B, G * H]
-        gate_count = 3 if self.output_gate else 2
-        candidate, forget, *output_gate = gates.split([self.hidden_size] * gate_count, dim=2)  # G x [T, B, H]
-        candidate = torch.tanh(candidate)
-        forget = torch.sigmoid(forget)
+        forget_mask, forget_scale = None, 1.0
         if self.zoneout:
-            # Paper section 2.1 (zoneout): f = 0 keeps the previous state for that unit and step.
-            if self.training:
-                forget = forget * forget.new_empty(forget.shape).bernoulli_(1 - self.zoneout)
+            if self.training:  # a Bernoulli(1 - zoneout) mask per element, not rescaled (the reference's rule)
+                forget_mask = gates.new_empty(steps, batch_size, self.hidden_size).bernoulli_(1 - self.zoneout)
             else:
-                forget = forget * (1 - self.zoneout)
-        if valid is not None:
-            forget = forget * valid  # padded steps carry the state through
+                forget_scale = 1 - self.zoneout  # the mask's expectation
         if hidden is not None:
-            hidden = hidden.to(forget.dtype)  # e.g. a float32 state with float16 gates under autocast
-        cell, last = forget_mult(forget.contiguous(), candidate.contiguous(), hidden, reverse=reverse)
-        output = torch.sigmoid(output_gate[0]) * cell if self.output_gate else cell  # paper eq. 4
-        if valid is not None:
-            output = output * valid
+            hidden = hidden.to(gates.dtype)  # e.g. a float32 state with float16 gates under autocast
+        if self.uses_fused_pool(gates):
+            output, last = load_fused_pool()(
+                gates, None if hidden is None else hidden.contiguous(), lengths, forget_mask, forget_scale,
+                reverse, self.output_gate,
+            )
+        else:
+            output, last = pool_eager(gates, hidden, valid, forget_mask, forget_scale, reverse, self.output_gate)
+        return output, last, self._next_prev_x(x, prev_x, lengths)
 
+    def _next_prev_x(self, x: torch.Tensor, prev_x: torch.Tensor | None,
+                     lengths: torch.Tensor | None) -> torch.Tensor:
+        """The last W - 1 valid inputs [W - 1, B, D] (continuing `prev_x` for sequences shorter than W - 1).
+
+        A copy, never a view of `x`: a state that keeps it must not keep the whole input alive.
+        """
+        steps, batch_size, _ = x.shape
+        context = self.window - 1
+        if context == 0:
+            return x.new_empty(0, batch_size, self.input_size)
+        if lengths is None and steps >= context:
+            return x[steps - context:].clone()  # [W - 1, B, D]
         if prev_x is None:
             prev_x = x.new_zeros(context, batch_size, self.input_size)
         history = torch.cat([prev_x, x])  # [W - 1 + T, B, D]
         if lengths is None:
-            next_prev_x = history[steps:]  # [W - 1, B, D]
-        else:
-            rows = lengths.unsqueeze(0) + torch.arange(context, device=x.device).unsqueeze(1)  # [W - 1, B]
-            next_prev_x = history.gather(0, rows.unsqueeze(2).expand(context, batch_size, self.input_size))
-        return output, last, next_prev_x
+            return history[steps:]  # [W - 1, B, D]
+        rows = lengths.unsqueeze(0) + torch.arange(context, device=x.device).unsqueeze(1)  # [W - 1, B]
+        return history.gather(0, rows.unsqueeze(2).expand(context, batch_size, self.input_size))
 
     def forward(self, x: torch.Tensor, hidden: torch.Tensor | None = None,
                 lengths: torch.Tensor | Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,15 +431,18 @@ class QRNN(nn.Module):
         for level in range(self.num_layers):
             first = level * self.directions
             forward_layer = self.layers[first]
-            output, last, layer_prev_x = forward_layer.run(
-                x, None if hidden is None else hidden[first], None if prev_x is None else prev_x[level], lengths
-            )
+            layer_hidden = None if hidden is None else hidden[first]
+            layer_prev_x = None if prev_x is None else prev_x[level]
+            forward_layer.check_run_arguments(x, layer_hidden, layer_prev_x, reverse=False)
+            # lengths were checked once above (the check reads them on the host).
+            output, last, layer_prev_x = forward_layer.run_checked(x, layer_hidden, layer_prev_x, lengths, False)
             finals.append(last)
             next_prev_x.append(layer_prev_x)
             if self.bidirectional:
-                backward_output, backward_last, _ = self.layers[first + 1].run(
-                    x, None if hidden is None else hidden[first + 1], None, lengths, reverse=True
-                )
+                backward_layer = self.layers[first + 1]
+                layer_hidden = None if hidden is None else hidden[first + 1]
+                backward_layer.check_run_arguments(x, layer_hidden, None, reverse=True)
+                backward_output, backward_last, _ = backward_layer.run_checked(x, layer_hidden, None, lengths, True)
                 finals.append(backward_last)
                 output = torch.cat([output, backward_output], dim=2)  # 2 x [T, B, H] -> [T, B, 2H]
             x = output

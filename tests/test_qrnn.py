@@ -91,7 +91,7 @@ def test_layer_matches_step_by_step_reference_with_gradients(window, output_gate
 
 def test_layer_forward_is_the_reference_call():
     torch.manual_seed(0)
-    layer = QRNNLayer(D, H, window=2, use_cuda=True).double()  # use_cuda is accepted and ignored
+    layer = QRNNLayer(D, H, window=2, use_cuda=True).double()  # the fused kernels need CUDA: eager here
     x = torch.randn(T, B, D, dtype=torch.double)
     output, h_n = layer(x)
     expected, last, _ = layer_ref(layer, x)
@@ -126,6 +126,22 @@ def test_save_prev_x_across_calls_equals_one_long_call_and_reset_forgets(window)
     fresh, _ = layer(x)
     torch.testing.assert_close(fresh, whole, **DOUBLE)  # zeros before the first step again
     assert not torch.allclose(fresh[0], continued[0])
+
+
+@pytest.mark.parametrize("window, steps", [(1, T), (2, T), (3, 1)])
+def test_next_prev_x_is_a_copy_not_a_view_of_the_input(window, steps):
+    """A state that carries prev_x to the next window must not keep the whole input [T, B, D] alive."""
+    layer = QRNNLayer(D, H, window=window)
+    x = torch.randn(steps, B, D)
+    _, _, next_prev_x = layer.run(x, prev_x=torch.randn(window - 1, B, D))
+    assert next_prev_x.shape == (window - 1, B, D)
+    assert next_prev_x.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+def test_layers_take_the_eager_path_without_cuda():
+    layer = QRNNLayer(D, H)
+    gates = torch.randn(T, B, 3 * H)
+    assert not layer.uses_fused_pool(gates)  # CPU tensors (the Triton kernels are tested in test_triton_kernels.py)
 
 
 def record_forget_gates(monkeypatch):

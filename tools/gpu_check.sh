@@ -42,7 +42,8 @@ PY
 cat "$OUT/machine.txt"
 
 if [ "$QUICK" = 1 ]; then  # tiny sizes: only that every command runs
-    step tests "$LIMIT" python -m pytest -q -x -p no:cacheprovider tests/test_loop.py tests/test_relational_memory.py
+    step tests "$LIMIT" python -m pytest -q -x -p no:cacheprovider tests/test_loop.py tests/test_relational_memory.py \
+        tests/test_triton_kernels.py
     step loop "$LIMIT" python bench/bench_loop.py --device "$DEV" --cases lstm200 --batches 2 --rounds 1 \
         --precision fp32 bf16 --json "$OUT/loop.json"
     step compiled_steps "$LIMIT" python bench/bench_compiled_steps.py --device "$DEV" --cores gru-loop \
@@ -51,6 +52,10 @@ if [ "$QUICK" = 1 ]; then  # tiny sizes: only that every command runs
         --vocab 100 --repeats 1 --warmup 1 --json "$OUT/rmc_lm.json"
     step main_py "$LIMIT" python main.py --data data/penn --batch_size 20 --dropouti 0.4 --dropouth 0.25 \
         --seed 141 --emsize 16 --nhid 16 --max-steps 3 --log-interval 1 --device "$DEV" --run-dir "$OUT/main_run"
+    step forget_mult_bandwidth "$LIMIT" python bench/bench_forget_mult.py --device "$DEV" --bandwidth --batch-size 4 \
+        --hidden 64 --lengths 64 --repeats 1 --warmup 1 --configs 256x4 256x1t4 --json "$OUT/forget_mult_bandwidth.json"
+    step qrnn_grid "$LIMIT" python bench/bench_qrnn.py --device "$DEV" --grid --batches 8 --lengths 32 --repeats 1 \
+        --warmup 1 --json "$OUT/qrnn_grid.json"
 else
     step tests 420 python -m pytest -q -m "not slow" -p no:cacheprovider
     step loop "$LIMIT" python bench/bench_loop.py --device "$DEV" --cases lstm200 lstm650 awd --batches 50 \
@@ -65,7 +70,12 @@ else
     step main_py "$LIMIT" python main.py --data data/penn --batch_size 20 --dropouti 0.4 --dropouth 0.25 \
         --seed 141 --epochs 1 --max-steps 600 --log-interval 100 --device "$DEV" --run-dir "$OUT/main_run"
     step forget_mult "$LIMIT" python bench/bench_forget_mult.py --device "$DEV" --json "$OUT/forget_mult.json"
+    # ForgetMult at B 256, H 1024, T 2048 against the copy rate (target 80 %), the Triton launch configs swept
+    step forget_mult_bandwidth 300 python bench/bench_forget_mult.py --device "$DEV" --bandwidth \
+        --configs 256x4 1024x4 256x1t4 512x2t4 256x2t8 1024x4t4 --json "$OUT/forget_mult_bandwidth.json"
     step qrnn "$LIMIT" python bench/bench_qrnn.py --device "$DEV" --json "$OUT/qrnn.json"
+    # the QRNN paper's inference grid (320 units, batch 8-256, T 32-512) against nn.LSTM, eager and fused
+    step qrnn_grid "$LIMIT" python bench/bench_qrnn.py --device "$DEV" --grid --json "$OUT/qrnn_grid.json"
     step dnc "$LIMIT" python bench/bench_dnc.py --device "$DEV" --quick --json "$OUT/dnc.json"
 fi
 echo "failed steps: $failed (logs in $OUT)"

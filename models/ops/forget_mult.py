@@ -26,6 +26,8 @@ returning only h), for code written against salesforce/pytorch-qrnn.
 `forget_mult` picks the Triton kernel for float16, bfloat16 and float32 CUDA tensors when Triton is
 installed, and `forget_mult_torch` otherwise (CPU, float64, or no Triton: then with a one-time warning).
 Triton is imported only when a CUDA tensor arrives, so this module imports without Triton or CUDA.
+For tests only, `TRITON_ON_CPU` sends CPU tensors to the Triton kernels too, which Triton's interpreter
+(TRITON_INTERPRET=1 before Triton is imported) runs on the host: the kernels' tests then run without a GPU.
 
 Gradients. With g_t the gradient reaching h_t (the output's gradient at t plus what flows back from
 the step processed after t), forwards:
@@ -41,6 +43,7 @@ Shapes: `T` time steps, `B` batch, `H` hidden size.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from typing import Any, Callable
 
@@ -50,6 +53,11 @@ from torch.autograd.function import once_differentiable
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 CUDA tensors take forget_mult_torch
+
+# For tests only: True sends CPU tensors to the Triton kernels, which only works under Triton's interpreter
+# (TRITON_INTERPRET=1 set before Triton is imported; tests/test_triton_kernels.py runs so). Production code
+# never sets it: without a GPU the PyTorch paths are the fast ones.
+TRITON_ON_CPU = False
 
 ForgetMultFn = Callable[[Tensor, Tensor, "Tensor | None", bool], "tuple[Tensor, Tensor]"]
 
@@ -92,6 +100,20 @@ def check_arguments(f: Tensor, x: Tensor, h0: Tensor | None, reverse: bool) -> N
             raise ValueError(f"h0 must be on the device of f ({f.device}), got {h0.device}")
     if not isinstance(reverse, bool):
         raise ValueError(f"reverse must be a bool, got {reverse!r}")
+
+
+def triton_device(tensor: Tensor) -> bool:
+    """Whether the Triton kernels may run on `tensor`'s device: CUDA, or CPU under the test switch."""
+    return tensor.device.type == "cuda" or (TRITON_ON_CPU and tensor.device.type == "cpu")
+
+
+def triton_runs_on_cpu() -> None:
+    """Raise RuntimeError unless the test switch and Triton's interpreter are both on (CPU tensors in a kernel)."""
+    if not TRITON_ON_CPU or os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "Triton kernels run on CPU tensors only under Triton's interpreter, for tests: set TRITON_INTERPRET=1 "
+            "before importing Triton and models.ops.forget_mult.TRITON_ON_CPU = True"
+        )
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -258,7 +280,7 @@ def forget_mult(
         ValueError: if an argument has a bad shape, dtype or device.
     """
     check_arguments(f, x, h0, reverse)
-    if f.device.type == "cuda" and f.dtype in TRITON_DTYPES:
+    if f.dtype in TRITON_DTYPES and triton_device(f):
         kernel = load_triton_kernel()
         if kernel is not None:
             return kernel(f, x, h0, reverse)
