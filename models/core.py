@@ -48,6 +48,10 @@ class Core(nn.Module):
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
+    # Whether the compiled steps pay on the CPU too, so that `--compile` defaults to on there (it is on with
+    # CUDA for every core): measured per core in bench/bench_compiled_steps.py and bench/bench_dnc.py.
+    compiles_on_cpu = False
+
     def compile_steps(self) -> bool:
         """From now on run the per-step work through `torch.compile` (`compiled`); returns whether this core
         has such a path. Cores that run whole sequences through fused kernels (cuDNN, QRNN) have none."""

@@ -46,6 +46,21 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _eager_steps_on_the_cpu_unless_asked(request, monkeypatch):
+    """Scripts compile the DNC's step by default on the CPU too (`Core.compiles_on_cpu`), a one-off 10-30 s
+    per process and shape: far more than the tiny runs of the tests. So in-process runs keep the CUDA-only
+    default unless they pass --compile (subprocesses pass --no-compile); tests marked `cpu_compile_default`
+    see the real default."""
+    if "cpu_compile_default" in request.keywords:
+        yield
+        return
+    import training.loop
+
+    monkeypatch.setattr(training.loop, "compiles_by_default", lambda model, device: device.type == "cuda")
+    yield
+
+
 @pytest.fixture
 def command_line(monkeypatch, capsys):
     """`command_line(module, *argv)` runs a script as `python module.py argv` would, in this process: through

@@ -529,5 +529,22 @@ def test_device_side_decisions_and_bf16_in_the_sequence_loop(tmp_path, monkeypat
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6) if fused else torch.equal(a[key], b[key]), key
     assert device["test"]["loss"] == pytest.approx(host["test"]["loss"], rel=1e-5)
     monkeypatch.undo()
-    bf16 = copy_task.main(["--run-dir", str(tmp_path / "bf16"), *flags, "--precision", "bf16"])
+    # --compile (the DNC's default on the CPU): the compiled step under autocast, which once failed to trace
+    bf16 = copy_task.main(["--run-dir", str(tmp_path / "bf16"), *flags, "--precision", "bf16", "--compile"])
     assert math.isfinite(bf16["test"]["loss"]) and bf16["test"]["loss"] == pytest.approx(host["test"]["loss"], rel=0.05)
+
+
+@pytest.mark.cpu_compile_default
+def test_the_dnc_compiles_its_step_by_default_on_the_cpu_too(tmp_path, capsys):
+    """`--compile` unset: on the CPU the DNC's dense step is compiled (it pays there, `compiles_on_cpu`) and
+    trains as the eager step does; an LSTM is not compiled; --no-compile keeps the DNC eager."""
+    flags = [*TINY, "--test-size", "8", "-input_size", "4", "-sequence_max_length", "3", "-iterations", "3",
+             "-summarize_freq", "1", "-check_freq", "3", "--generalisation-lengths", "3"]
+    copy_task.main(["--run-dir", str(tmp_path / "default"), *flags])
+    assert ", compiled steps: DNC," in capsys.readouterr().out
+    copy_task.main(["--run-dir", str(tmp_path / "eager"), *flags, "--no-compile"])
+    assert "compiled steps" not in capsys.readouterr().out
+    compiled, eager = (events(tmp_path / name, "train") for name in ("default", "eager"))
+    assert [event["loss"] for event in compiled] == pytest.approx([event["loss"] for event in eager], rel=1e-4)
+    copy_task.main(["--run-dir", str(tmp_path / "lstm"), *LSTM, "-iterations", "1", "-check_freq", "1"])
+    assert "compiled steps" not in capsys.readouterr().out

@@ -116,6 +116,7 @@ def stop_with_signal_at(monkeypatch, signum, at_step):
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint_and_evaluates(corpus_dir, tmp_path, monkeypatch):
+    handler = signal.getsignal(signal.SIGINT)  # Python's default_int_handler, or SIG_IGN in a background job
     run(corpus_dir, tmp_path / "whole")
     stop_with_signal_at(monkeypatch, signal.SIGINT, at_step=5)
     result = run(corpus_dir, tmp_path / "parts")
@@ -125,7 +126,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_evaluates(corpus_dir, tmp_path,
     model, _ = training.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
     test = batchify(Corpus(corpus_dir).test, 2)
     assert result["test_loss"] == pytest.approx(training.evaluate(model, test, 8), rel=1e-6)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler before the run, restored
     monkeypatch.undo()
     train_rnn.main(["--resume", str(tmp_path / "parts")])
     assert_same_weights(weights(tmp_path / "whole" / "checkpoint.pt"), weights(tmp_path / "parts" / "checkpoint.pt"))

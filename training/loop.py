@@ -88,7 +88,7 @@ class LoopOptions(FromArgs):
     save_interval: int = 0
     max_steps: int | None = None
     precision: str = "fp32"
-    compile: bool | None = None  # None: on with CUDA
+    compile: bool | None = None  # None: `compiles_by_default`
     dry_run: bool = False
     seed: int = 1111
     sync_free: bool | None = None  # None: `decide_on_device`
@@ -156,6 +156,13 @@ def masked_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
             tensor.copy_(torch.where(ok, tensor, before))
 
 
+def compiles_by_default(model: nn.Module, device: torch.device) -> bool:
+    """`--compile`'s default: on with CUDA; on the CPU when a core of the model says its compiled steps pay
+    there (`Core.compiles_on_cpu`: the DNC's dense memory)."""
+    return device.type == "cuda" or any(isinstance(module, Core) and module.compiles_on_cpu
+                                        for module in model.modules())
+
+
 def compile_cores(model: nn.Module) -> list[str]:
     """Turn on the compiled per-step path of every core in `model` that has one; returns their names."""
     return [type(module).name or type(module).__name__ for module in model.modules()
@@ -190,8 +197,8 @@ class Trainer:
         if device.type == "cpu":
             keep_freed_memory()  # each step's large buffers stay mapped (see its docstring)
         self.sync_free = decide_on_device(device) if options.sync_free is None else options.sync_free
-        self.compiled_cores = compile_cores(model) if (device.type == "cuda" if options.compile is None
-                                                       else options.compile) else []
+        compile_steps = compiles_by_default(model, device) if options.compile is None else options.compile
+        self.compiled_cores = compile_cores(model) if compile_steps else []
         self.precision = Precision(options.precision, device)
         self.optimizer = self.make_optimizer(options.optimizer)
         self.scheduler = self.make_scheduler()

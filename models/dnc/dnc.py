@@ -557,6 +557,9 @@ class DNCCore(MemoryController):
     Config = DNCConfig
     memory_class = DenseMemory
     checkpoint_min_cells = CHECKPOINT_MIN_CELLS
+    # The compiled dense step: 0.64x the eager time at 16 cells on one CPU thread, 0.97x at 1,024 (bench_dnc.py,
+    # bench_compiled_steps.py), for a one-off compilation of 10-30 s.
+    compiles_on_cpu = True
 
 
 @register_core("SAM")

@@ -247,6 +247,15 @@ class LinkUpdateAndTemporalReads(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, link: Tensor, write_weights: Tensor, precedence: Tensor,
                 read_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # In the link's dtype whatever autocast is on: the in-place products below take no autocast, and a
+        # compiled step traces the backward under the forward's autocast (bf16 products met fp32 buffers).
+        with torch.autocast(link.device.type, enabled=False):
+            return LinkUpdateAndTemporalReads._forward(ctx, link, write_weights.to(link.dtype),
+                                                       precedence.to(link.dtype), read_weights.to(link.dtype))
+
+    @staticmethod
+    def _forward(ctx: Any, link: Tensor, write_weights: Tensor, precedence: Tensor,
+                 read_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         new_link = torch.empty_like(link, memory_format=torch.contiguous_format)  # [B, N, N]
         forward = torch.empty_like(read_weights, memory_format=torch.contiguous_format)  # [B, R, N]
         backward = torch.zeros_like(forward)  # [B, R, N], accumulated over blocks
@@ -271,7 +280,16 @@ class LinkUpdateAndTemporalReads(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_link: Tensor | None, grad_forward: Tensor | None,
                  grad_backward: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        link, write_weights, precedence, read_weights, new_link = ctx.saved_tensors
+        saved = ctx.saved_tensors  # once: checkpointing allows one unpacking
+        with torch.autocast(saved[0].device.type, enabled=False):
+            grads = (None if grad is None else grad.to(saved[0].dtype) for grad in (grad_link, grad_forward,
+                                                                                   grad_backward))
+            return LinkUpdateAndTemporalReads._backward(saved, *grads)
+
+    @staticmethod
+    def _backward(saved: tuple[Tensor, ...], grad_link: Tensor | None, grad_forward: Tensor | None,
+                  grad_backward: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        link, write_weights, precedence, read_weights, new_link = saved
         if grad_forward is None:
             grad_forward = torch.zeros_like(read_weights)
         if grad_backward is None:
