@@ -397,3 +397,27 @@ def test_cuda_lm_hot_loop_makes_no_host_sync_between_log_lines(corpus_dir, tmp_p
     result = run(corpus_dir, tmp_path / "run", "--cuda", "--log-interval", "1000", *script_flags)
     assert [e["step"] for e in read_log(tmp_path / "run") if e["event"] == "nonfinite"] == [4]
     assert result["test_ppl"] < 41
+
+
+def test_a_sam_checkpoint_of_the_older_state_layout_resumes_from_a_fresh_hidden_state(corpus_dir, tmp_path, capsys):
+    """A SAM language model saved mid-epoch before the sparse state kept its latest write (two tensors fewer
+    per memory) resumes: weights, optimiser and counters as saved, the carried state fresh, with a line."""
+    run_dir = tmp_path / "run"
+    flags = ["--model", "SAM", "-mem_slot", "8", "-mem_size", "3", "-read_heads", "1", "-sparse_reads", "2"]
+    run(corpus_dir, run_dir, *flags, "--max-steps", "3")
+    path = run_dir / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    model, _ = training.load_checkpoint(path)
+    keys = [key for key in model.initial_state(1)[1].keys()]  # the memory dict of the DNC-family state
+    assert len(checkpoint["hidden"]) == len(training.lm.state_tensors(model.initial_state(1)))
+    # the older layout: the memory dict without write_positions / write_weights
+    old = [tensor for tensor, key in zip(checkpoint["hidden"][-len(keys):], keys)
+           if key not in ("write_positions", "write_weights")]
+    checkpoint["hidden"] = checkpoint["hidden"][:-len(keys)] + old
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    result = train_rnn.main(["--resume", str(run_dir)])
+    out = capsys.readouterr().out
+    assert "written by an older version): the rest of this epoch starts from a fresh hidden state" in out
+    assert result["stopped"] is None and result["test_loss"] == result["test_loss"]  # finished, finite
+    assert torch.load(path, weights_only=True)["train_state"]["step"] > 3  # it went on from step 3

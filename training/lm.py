@@ -355,11 +355,18 @@ class LMTrainer(Trainer):
         return super().save(name, copies=(Path(self.lm.save),) if copy else ())
 
     def restore_streams(self, checkpoint: dict, same_processes: bool) -> None:
+        # format-1 checkpoints written before the trainer had its own generator drew the lengths from NumPy's
+        set_numpy_state(checkpoint.get("bptt_rng", checkpoint["rng"]["numpy"]), self.bptt_rng)
+        if len(checkpoint["hidden"]) != len(self.state_dims):
+            # A state of another layout: a SAM/SDNC model saved before its state kept the latest write (two
+            # more tensors per memory). The weights, optimiser and schedule resume; the carried state restarts.
+            self.run.print(f"| the checkpoint's hidden state has {len(checkpoint['hidden'])} tensors where this "
+                           f"version's {self.model.config.core} has {len(self.state_dims)} (written by an older "
+                           f"version): the rest of this epoch starts from a fresh hidden state")
+            return
         self.hidden = state_from_tensors(
             self.hidden, [distributed.columns(tensor, dim) if dim is not None else tensor
                           for tensor, dim in zip(checkpoint["hidden"], self.state_dims)])
-        # format-1 checkpoints written before the trainer had its own generator drew the lengths from NumPy's
-        set_numpy_state(checkpoint.get("bptt_rng", checkpoint["rng"]["numpy"]), self.bptt_rng)
 
     # ---- the end
 
