@@ -48,8 +48,9 @@ class Core(nn.Module):
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
-    # Whether the compiled steps pay on the CPU too, so that `--compile` defaults to on there (it is on with
-    # CUDA for every core): measured per core in bench/bench_compiled_steps.py and bench/bench_dnc.py.
+    # `--compile`'s default for this core with CUDA and on the CPU (`compile_steps` must have a path for it
+    # to matter): measured per core in bench/bench_compiled_steps.py and bench/bench_dnc.py.
+    compiles_on_cuda = True
     compiles_on_cpu = False
 
     def compile_steps(self) -> bool:

@@ -57,7 +57,8 @@ def _eager_steps_on_the_cpu_unless_asked(request, monkeypatch):
         return
     import training.loop
 
-    monkeypatch.setattr(training.loop, "compiles_by_default", lambda model, device: device.type == "cuda")
+    monkeypatch.setattr(training.loop, "compiles_by_default",
+                        lambda core, device: device.type == "cuda" and core.compiles_on_cuda)
     yield
 
 

@@ -500,3 +500,28 @@ def test_every_memory_has_compiled_steps():
 
     assert DNC(input_size=5, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2).compile_steps()
     assert SAM(input_size=5, hidden_size=8, nr_cells=6, cell_size=4, read_heads=2).compile_steps()
+
+
+@pytest.mark.cpu_compile_default
+def test_which_cores_compile_by_default():
+    """`--compile` unset: with CUDA every core with a compiled path but SAM and SDNC (opt-in until measured on a
+    GPU); on the CPU only the DNC; `--compile` compiles every core that has a path, `--no-compile` none."""
+    import argparse
+
+    from models.core import build_core, get_core_class
+    from training.loop import compile_cores
+
+    parser = argparse.ArgumentParser()
+    for name in ("SDNC", "RMC", "LSTM"):
+        get_core_class(name).add_args(parser)
+    args = parser.parse_args(["-nhid", "8", "-mem_slot", "6", "-mem_size", "4", "-read_heads", "2"])
+
+    def compiled(name, device, choice):
+        core = build_core(name, get_core_class(name).config_from_args(args, 5))
+        return compile_cores(core, torch.device(device), choice)
+
+    assert [compiled(name, "cuda", None) for name in ("DNC", "SAM", "SDNC", "RMC", "LSTM")] == [
+        ["DNC"], [], [], ["RMC"], []]  # (the fused LSTM has no per-step path to compile)
+    assert [compiled(name, "cpu", None) for name in ("DNC", "SAM", "RMC")] == [["DNC"], [], []]
+    assert [compiled(name, "cpu", True) for name in ("SAM", "SDNC", "RMC")] == [["SAM"], ["SDNC"], ["RMC"]]
+    assert compiled("DNC", "cpu", False) == []

@@ -94,8 +94,8 @@ def add_run_args(group: argparse._ActionsContainer, dry_run_help: str) -> None:
                             "a gradient scaler); weights, loss and optimiser state stay in fp32")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="run the per-step work of the cores that have it (RMC, DNC, SAM, SDNC, loop and "
-                            "RNNLIB cells) through torch.compile (unset: on with CUDA; on the CPU only for the "
-                            "DNC, where it pays)")
+                            "RNNLIB cells) through torch.compile (unset: on with CUDA but for SAM and SDNC; on "
+                            "the CPU only for the DNC, where it pays)")
     group.add_argument("--run-dir", "--run_dir", dest="run_dir", default=None,
                        help="folder for args.json, log.jsonl and checkpoints (default: runs/<name>-<time>)")
     group.add_argument("--name", default=None, help="run name used in the default run folder")

@@ -88,7 +88,7 @@ class LoopOptions(FromArgs):
     save_interval: int = 0
     max_steps: int | None = None
     precision: str = "fp32"
-    compile: bool | None = None  # None: `compiles_by_default`
+    compile: bool | None = None  # None: each core's default (`compiles_by_default`)
     dry_run: bool = False
     seed: int = 1111
     sync_free: bool | None = None  # None: `decide_on_device`
@@ -156,17 +156,21 @@ def masked_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
             tensor.copy_(torch.where(ok, tensor, before))
 
 
-def compiles_by_default(model: nn.Module, device: torch.device) -> bool:
-    """`--compile`'s default: on with CUDA; on the CPU when a core of the model says its compiled steps pay
-    there (`Core.compiles_on_cpu`: the DNC's dense memory)."""
-    return device.type == "cuda" or any(isinstance(module, Core) and module.compiles_on_cpu
-                                        for module in model.modules())
+def compiles_by_default(core: Core, device: torch.device) -> bool:
+    """`--compile`'s default for one core: what the core says of its compiled steps on that kind of device
+    (`Core.compiles_on_cuda`, `Core.compiles_on_cpu`)."""
+    return core.compiles_on_cuda if device.type == "cuda" else core.compiles_on_cpu
 
 
-def compile_cores(model: nn.Module) -> list[str]:
-    """Turn on the compiled per-step path of every core in `model` that has one; returns their names."""
-    return [type(module).name or type(module).__name__ for module in model.modules()
-            if isinstance(module, Core) and module.compile_steps()]
+def compile_cores(model: nn.Module, device: torch.device, choice: bool | None = True) -> list[str]:
+    """Turn on the compiled per-step path of the cores in `model` that have one: all of them (`choice` True),
+    none (False) or those whose default it is on `device` (None). Returns their names."""
+    cores = [module for module in model.modules() if isinstance(module, Core)]
+    if choice is None:
+        chosen = [core for core in cores if compiles_by_default(core, device)]
+    else:
+        chosen = cores if choice else []
+    return [type(core).name or type(core).__name__ for core in chosen if core.compile_steps()]
 
 
 def read_flags(flags: tuple[bool | torch.Tensor, ...]) -> list[bool]:
@@ -197,8 +201,7 @@ class Trainer:
         if device.type == "cpu":
             keep_freed_memory()  # each step's large buffers stay mapped (see its docstring)
         self.sync_free = decide_on_device(device) if options.sync_free is None else options.sync_free
-        compile_steps = compiles_by_default(model, device) if options.compile is None else options.compile
-        self.compiled_cores = compile_cores(model) if compile_steps else []
+        self.compiled_cores = compile_cores(model, device, options.compile)
         self.precision = Precision(options.precision, device)
         self.optimizer = self.make_optimizer(options.optimizer)
         self.scheduler = self.make_scheduler()
