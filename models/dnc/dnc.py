@@ -567,7 +567,7 @@ class SAMCore(MemoryController):
     """SAM (Rae et al. 2016): sparse reads and writes."""
 
     # The compiled pieces stay opt-in (`--compile`) until measured on a GPU: on the CPU they cost 1.11x (SAM)
-    # and 1.64x (SDNC) the eager step at 1,024 cells, each compiled call's overhead exceeding what it fuses.
+    # and 1.64x (SDNC) the eager step at 1,024 cells (inductor's code for the sorts and searches is slower).
     compiles_on_cuda = False
 
     Config = SAMConfig
