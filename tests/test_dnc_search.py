@@ -200,3 +200,16 @@ def test_exact_index_on_gpu_matches_cpu():
     found = ExactIndex(memory.cuda()).search(queries.cuda(), 4)
     assert found.device.type == "cuda"
     assert torch.equal(found.cpu(), ExactIndex(memory).search(queries, 4))
+
+
+def test_faiss_ivf_over_a_small_memory_trains_without_warnings(capfd):
+    """FAISS wants 39 training rows per list and says so on stderr (C level) for every index it trains, i.e.
+    once per batch element and call; a small memory trains on the rows it has, quietly (and probing every
+    list still finds the exact rows)."""
+    pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(8)
+    memory = torch.randn(2, 1024, 8, generator=generator)
+    queries = torch.randn(2, 3, 8, generator=generator)
+    index = make_index("faiss", memory, lists=32, probes=32, threads=1)
+    assert torch.equal(index.search(queries, 4), cosine_topk(queries, memory, 4)[1])
+    assert "WARNING clustering" not in capfd.readouterr().err

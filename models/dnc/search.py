@@ -275,6 +275,9 @@ class FaissIndex:
                 index = faiss.IndexIVFFlat(quantizer, width, self.lists, faiss.METRIC_INNER_PRODUCT)
                 index.set_direct_map_type(faiss.DirectMap.Hashtable)  # so rows can be removed by id
                 step = max(1, cells // (IVF_TRAINING_ROWS_PER_LIST * self.lists))
+                # A small memory has fewer than FAISS's wished-for 39 rows per list: train on what there is
+                # without its warning on every call (one per batch element).
+                index.cp.min_points_per_centroid = 1
                 index.train(np.ascontiguousarray(rows[element, ::step]))
                 index.add_with_ids(rows[element], np.arange(cells, dtype=np.int64))
                 index.nprobe = max(1, min(probes, self.lists))
