@@ -38,6 +38,28 @@ def corpus_dir(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "corpus")
 
 
+_EMPTY, _EMPTY_LIKE = torch.empty, torch.empty_like
+
+
+def _nan_filled(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_floating_point():
+        tensor.fill_(float("nan"))
+    return tensor
+
+
+def nan_filled_buffers(monkeypatch) -> None:
+    """fla's conftest trick, for kernel tests: fresh `torch.empty(_like)` buffers hold NaN, so outputs a
+    kernel leaves unwritten cannot pass."""
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: _nan_filled(_EMPTY(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: _nan_filled(_EMPTY_LIKE(*args, **kwargs)))
+
+
+def error_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """RMS error relative to the reference's RMS (fla's `get_err_ratio`), for low-precision kernels."""
+    difference = (actual.double() - expected.double()).pow(2).mean().sqrt()
+    return (difference / expected.double().pow(2).mean().sqrt().clamp_min(1e-12)).item()
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run fastest on one thread, and scripts under test may change the count."""

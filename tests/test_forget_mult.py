@@ -18,6 +18,7 @@ import torch
 
 from models.ops import forget_mult as forget_mult_module
 from models.ops.forget_mult import forget_mult, forget_mult_ref, forget_mult_torch
+from tests.conftest import error_ratio, nan_filled_buffers
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -31,20 +32,10 @@ CPU_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(
 # Largest RMS error relative to the reference's RMS (fla's `get_err_ratio`), for low precision.
 ERROR_RATIO = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
-_EMPTY, _EMPTY_LIKE = torch.empty, torch.empty_like
-
-
-def _nan_filled(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.is_floating_point():
-        tensor.fill_(float("nan"))
-    return tensor
-
 
 @pytest.fixture(autouse=True)
-def nan_filled_buffers(monkeypatch):
-    """fla's conftest trick: uninitialised buffers hold NaN, so unwritten outputs cannot pass."""
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: _nan_filled(_EMPTY(*args, **kwargs)))
-    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: _nan_filled(_EMPTY_LIKE(*args, **kwargs)))
+def _nan_filled_buffers(monkeypatch):
+    nan_filled_buffers(monkeypatch)
 
 
 def make_inputs(shape, dtype, device="cpu", with_h0=True, seed=0):
@@ -75,11 +66,6 @@ def run(function, f, x, h0, reverse, grad_h, grad_h_last):
     inputs = [f, x] + ([h0] if h0 is not None else [])
     grads = list(torch.autograd.grad(loss, inputs))
     return [h.detach(), h_last.detach()] + grads
-
-
-def error_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    difference = (actual.double() - expected.double()).pow(2).mean().sqrt()
-    return (difference / expected.double().pow(2).mean().sqrt().clamp_min(1e-12)).item()
 
 
 NAMES = ["h", "h_last", "df", "dx", "dh0"]

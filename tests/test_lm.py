@@ -76,11 +76,14 @@ def test_tying_with_adaptive_softmax_is_rejected():
         make_lm(adaptive_softmax=True, cutoffs=[5, 15], tie_weights=True)
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_tiny_model_loss_falls(adaptive):
+HEADS = {"full": {}, "adaptive": dict(adaptive_softmax=True, cutoffs=[5, 15], tie_weights=False, div_value=2.0),
+         "split": dict(split_softmax=True, cutoffs=[5, 15])}
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_tiny_model_loss_falls(head):
     torch.manual_seed(0)
-    extra = dict(adaptive_softmax=True, cutoffs=[5, 15], tie_weights=False, div_value=2.0) if adaptive else {}
-    model = make_lm(hidden=16, **extra)
+    model = make_lm(hidden=16, **HEADS[head])
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     sequence = torch.arange(40).remainder(V).view(-1, 1).repeat(1, 4)  # a deterministic cycle: [40, 4]
     inputs, targets = sequence[:-1], sequence[1:]

@@ -20,12 +20,11 @@ import train_rmc
 import train_rnn
 import training
 from data import Corpus, batchify
-from models.lm import LanguageModel, LMConfig
-from models.rnn import RNNConfig
+from models.lm import LMConfig
 from models.split_softmax import SplitSoftmax, default_splits, split_target_log_probs_ref
 from tests.conftest import TINY_LM_FLAGS
+from tests.test_lm import E, V, make_lm  # the same tiny LSTM language model
 
-V, E = 30, 8
 CUTOFF_CASES = [[], [5], [5, 15], [1, 29], [10, 11, 20]]  # [1, 29]: a one-word head, a one-word last cluster
 
 
@@ -41,11 +40,6 @@ def random_head(cutoffs, dtype=torch.float64, seed=0):
     features = torch.randn(40, E, generator=generator, dtype=dtype).requires_grad_()
     targets = torch.randint(V, (40,), generator=generator)
     return split, weight, bias, features, targets
-
-
-def make_lm(hidden=E, **overrides) -> LanguageModel:
-    core = dataclasses.asdict(RNNConfig(input_size=E, hidden_size=hidden))
-    return LanguageModel(LMConfig(vocab_size=V, core="LSTM", core_config=core, emsize=E, dropout=0.0, **overrides))
 
 
 # --------------------------------------------------------------------------- the head itself
@@ -166,23 +160,6 @@ def test_an_untied_split_softmax_trains_its_own_decoder():
     assert model.decoder.weight is not model.encoder.weight and model.decoder.in_features == 12
     model.loss(torch.randn(4, 3, 12), torch.randint(15, V, (4, 3))).backward()
     assert model.encoder.weight.grad is None and (model.decoder.weight.grad[15:].abs().sum(-1) > 0).all()
-
-
-def test_tiny_model_loss_falls():
-    torch.manual_seed(0)
-    model = make_lm(hidden=16, split_softmax=True, cutoffs=[5, 15])
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    sequence = torch.arange(40).remainder(V).view(-1, 1).repeat(1, 4)  # a deterministic cycle: [40, 4]
-    inputs, targets = sequence[:-1], sequence[1:]
-    losses = []
-    for _ in range(60):
-        optimizer.zero_grad()
-        features, _ = model(inputs)
-        loss = model.loss(features, targets)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.35 * losses[0]
 
 
 @pytest.mark.parametrize("vocab,expected", [

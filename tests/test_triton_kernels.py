@@ -26,6 +26,7 @@ from models.ops import forget_mult as forget_mult_module
 from models.ops.forget_mult import forget_mult, forget_mult_ref
 from models.ops.triton_launch import KernelConfig
 from models.qrnn import pool_eager, QRNN, QRNNLayer
+from tests.conftest import error_ratio, nan_filled_buffers
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -46,21 +47,12 @@ F32, BF16 = torch.float32, torch.bfloat16
 EXPLICIT = KernelConfig(64, 2)
 CHUNKED = KernelConfig(32, 1, time_chunk=4)  # the time-chunked kernels: 4 steps per tile
 
-_EMPTY, _EMPTY_LIKE = torch.empty, torch.empty_like
-
-
-def _nan_filled(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.is_floating_point():
-        tensor.fill_(float("nan"))
-    return tensor
-
 
 @pytest.fixture(autouse=True)
 def triton_on_this_device(monkeypatch):
     """CPU tensors may reach the kernels (interpreter only), and fresh buffers hold NaN."""
     monkeypatch.setattr(forget_mult_module, "TRITON_ON_CPU", INTERPRETED)
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: _nan_filled(_EMPTY(*args, **kwargs)))
-    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: _nan_filled(_EMPTY_LIKE(*args, **kwargs)))
+    nan_filled_buffers(monkeypatch)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,11 +80,6 @@ def interpreter_index_fix():
     interpreter._patch_lang_tensor = patched
     yield
     interpreter._patch_lang_tensor = original
-
-
-def error_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    difference = (actual.double() - expected.double()).pow(2).mean().sqrt()
-    return (difference / expected.double().pow(2).mean().sqrt().clamp_min(1e-12)).item()
 
 
 def assert_close(actual, expected, dtype, name):

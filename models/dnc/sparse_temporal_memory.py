@@ -34,6 +34,7 @@ Shapes as in `sparse_memory.py`, plus `L` = K_L, and `U` entries of L touched by
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -197,7 +198,8 @@ class SparseTemporalMemory(SparseMemory):
         owners, partners, values, keep, group_first, group_start = entries(
             rows, columns, old, write_positions, row_weights, precedence_index, ctx.precedence, cells, links)
         # The row lists (link_*) are owned by the rows, the column lists (rev_link_*) by the columns.
-        _rewrite_lists(self, (ctx.link_index, ctx.rev_link_index), (ctx.link_value, ctx.rev_link_value),
+        _rewrite_lists(compiled(self, "new_lists", new_lists), (ctx.link_index, ctx.rev_link_index),
+                       (ctx.link_value, ctx.rev_link_value),
                        owners, partners, values, keep, group_first, group_start, cells,
                        None if mask is None else mask.repeat(2))
 
@@ -351,7 +353,7 @@ def _by_owner(owners: Tensor, partners: Tensor, values: Tensor, keep: Tensor, ce
     return owners, partners, values, keep, group_first, group_start
 
 
-def _rewrite_lists(module: SparseTemporalMemory, indexes: tuple[RowStore, RowStore],
+def _rewrite_lists(make_lists: Callable[..., tuple[Tensor, Tensor]], indexes: tuple[RowStore, RowStore],
                    value_stores: tuple[RowStore, RowStore], owners: Tensor, partners: Tensor, values: Tensor,
                    keep: Tensor, group_first: Tensor, group_start: Tensor, cells: int, mask: Tensor | None) -> None:
     """Rewrite the lists of every owner in `owners` after an update of some of their entries.
@@ -360,7 +362,7 @@ def _rewrite_lists(module: SparseTemporalMemory, indexes: tuple[RowStore, RowSto
     belongs to the first store of each pair, the second half to the second.
 
     Args:
-        module: the memory (whose `compile_step` decides whether `new_lists` is compiled).
+        make_lists: `new_lists`, or its compiled form.
         indexes: two [B, N, L] stores of the lists' partners.
         value_stores: two [B, N, L] stores of the lists' values.
         owners, partners: [2 B, U] the updated entries (owner's list, partner in it; repeats allowed),
@@ -376,8 +378,8 @@ def _rewrite_lists(module: SparseTemporalMemory, indexes: tuple[RowStore, RowSto
     halves = owners.chunk(2)
     old_partners = torch.cat([store.gather(half) for store, half in zip(indexes, halves)]).long()  # [2 B, U, L]
     old_values = torch.cat([store.gather(half) for store, half in zip(value_stores, halves)])  # [2 B, U, L]
-    new_partners, new_values = compiled(module, "new_lists", new_lists)(
-        owners, partners, values, keep, group_first, group_start, old_partners, old_values, cells, mask)
+    new_partners, new_values = make_lists(owners, partners, values, keep, group_first, group_start, old_partners,
+                                          old_values, cells, mask)
     for store, half, part in zip(indexes, halves, new_partners.chunk(2)):
         store.write(half, part)
     for store, half, part in zip(value_stores, halves, new_values.chunk(2)):
