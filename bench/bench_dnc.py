@@ -10,11 +10,13 @@ interleave the models; times are medians. Also reported: the time to construct S
 65,536 cells (constructor and initial state).
 
 Bytes saved for backward are the unique storages that stay alive from the forward pass to the
-backward pass: the tensors autograd saves (`torch.autograd.graph.saved_tensors_hooks`; the DNC's
-last segment runs without checkpointing and is counted here) plus the inputs of the DNC's
-checkpointed segments (checkpointing keeps those and saves nothing inside). `peak` is the larger
-of that and what exists while an earlier segment is recomputed during backward: the segment inputs
-plus one segment's saved tensors (measured by running one segment without checkpointing).
+backward pass: the tensors autograd saves (`torch.autograd.graph.saved_tensors_hooks`), the link
+matrices a DNC's `LinkTape` keeps (its automatic setting from 256 cells), and the inputs of
+checkpointed segments (`checkpoint_steps=k`; checkpointing keeps those and saves nothing inside; the
+last segment runs without checkpointing and is counted with the rest). `peak` adds what backward
+makes on top: the tape's working matrix, or, with segments, the segment inputs plus one segment's
+saved tensors (measured by running one segment without checkpointing). "real MiB" is the process's
+own view (`real_growth_mib`), gradients and allocator included.
 
 Targets (issue 6): DNC at 1,024 cells <= 120 ms per step and <= 280 MiB saved; SAM and SDNC at
 16,384 cells <= 20 ms per step and <= 40 MiB, t(65,536) / t(1,024) <= 3; construction < 1 s.
@@ -54,6 +56,7 @@ import models.dnc.dnc as dnc_module  # noqa: E402
 from bench.common import machine_info, synchronize, write_results  # noqa: E402
 from models.core import state_tensors  # noqa: E402
 from models.dnc import DNC, SAM, SDNC  # noqa: E402
+from models.dnc.memory import LinkTape  # noqa: E402
 
 MIB = 2 ** 20
 CLASSES = {"DNC": DNC, "SAM": SAM, "SDNC": SDNC}
@@ -146,11 +149,26 @@ def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
         segments.append(arguments[0].size(0))
         return real_checkpoint(function, *arguments, **options)
 
+    tapes: list[LinkTape] = []  # the DNC's automatic setting keeps some link matrices on a tape instead
+    real_record = LinkTape.record
+
+    def counting_record(tape: LinkTape, link: torch.Tensor, *weights: torch.Tensor) -> int:
+        step = real_record(tape, link, *weights)
+        if step in tape.kept:
+            counter.add(tape.kept[step])
+        if step == 0:
+            tapes.append(tape)
+        return step
+
     dnc_module.checkpoint = counting_checkpoint
+    LinkTape.record = counting_record
     try:
         with torch.autograd.graph.saved_tensors_hooks(counter.add, lambda tensor: tensor):
             output, _ = model(x)
         held = counter.total
+        # backward replays the matrices it was not kept into one working matrix per tape
+        replaying = sum(tape.kept[0].numel() * tape.kept[0].element_size() for tape in tapes
+                        if len(tape.updates) > tape.every)
         del output
         segment_bytes = 0
         if segments:  # one segment's saved tensors, without checkpointing
@@ -169,8 +187,10 @@ def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
                 core.config.checkpoint_steps = configured
     finally:
         dnc_module.checkpoint = real_checkpoint
+        LinkTape.record = real_record
     recomputing = inputs.total + segment_bytes if segments else 0
-    return {"saved_mib": held / MIB, "peak_mib": max(held, recomputing) / MIB, "checkpointed_segments": len(segments)}
+    return {"saved_mib": held / MIB, "peak_mib": max(held + replaying, recomputing) / MIB,
+            "checkpointed_segments": len(segments), "link_tape_every": tapes[0].every if tapes else 0}
 
 
 def construction_seconds(kind: str, cells: int, args: argparse.Namespace, device: torch.device) -> float:
@@ -267,7 +287,9 @@ def rss_child(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.steps, args.input, device=device)
-    training_step(build(kind, 16, args, device), x)  # one-time costs (lazy imports, thread pools) first
+    warm_up = build(kind, 16, args, device)
+    warm_up.core.config.checkpoint_steps = 2  # torch.utils.checkpoint's lazy imports too (~100 MiB, once)
+    training_step(warm_up, x)  # one-time costs (lazy imports, thread pools) first
     model = build(kind, cells, args, device)
     memory = filled_memory(model, args.batch, device) if args.filled and kind != "DNC" else None
     with open("/proc/self/clear_refs", "w") as clear_refs:
@@ -360,11 +382,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"batch {args.batch}, {args.steps} steps, input {args.input}, LSTM {args.hidden} (2 layers), "
           f"{args.read_heads} read heads, cells of {args.cell}; forward+backward, medians of {args.repeats}")
     print(f"{'model':<5} {'cells':>7} {'ms/step':>9} {'ms/pass':>9} {'saved MiB':>10} {'peak MiB':>9} "
-          f"{'real MiB':>9} {'checkpointed':>12}")
+          f"{'real MiB':>9} {'checkpointed':>12} {'tape every':>10}")
     for row in rows:
         real = "-" if row["real_mib"] is None else f"{row['real_mib']:.1f}"
         print(f"{row['kind']:<5} {row['cells']:>7,} {row['ms_per_step']:>9.2f} {row['ms_per_pass']:>9.1f} "
-              f"{row['saved_mib']:>10.1f} {row['peak_mib']:>9.1f} {real:>9} {row['checkpointed_segments']:>12}")
+              f"{row['saved_mib']:>10.1f} {row['peak_mib']:>9.1f} {real:>9} {row['checkpointed_segments']:>12} {row['link_tape_every'] or '-':>10}")
     print("real MiB: a fresh process's peak resident growth over one pass (CPU only; the allocator's view)")
     for kind, value in construction.items():
         print(f"construction of {kind} at {args.construction_cells:,} cells: {value:.3f} s (target < 1 s)")

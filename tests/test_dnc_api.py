@@ -421,10 +421,46 @@ def test_checkpointed_segments_equal_the_plain_run(monkeypatch):
     with torch.no_grad():  # nothing to save: no checkpointing
         model(x)
     assert len(calls) == 5
-    # Automatic: segments of ceil(sqrt(T)) steps from 256 cells on, for the DNC only.
-    assert make("DNC", nr_cells=256).core._segment_length(20, True, False) == (5, True)
-    assert make("DNC", nr_cells=255).core._segment_length(20, True, False) == (20, False)
-    assert make("SAM", nr_cells=4096).core._segment_length(20, True, False) == (20, False)
+    # Automatic: from 256 cells on, the DNC keeps its link matrices on a tape every ceil(sqrt(T)) steps
+    # (test_link_tape_equals_the_plain_run), without checkpointed segments.
+    assert make("DNC", nr_cells=256).core._segment_length(20, True, False) == (20, False, 5)
+    assert make("DNC", nr_cells=256).core._segment_length(20, True, True) == (20, False, 0)  # debug
+    assert make("DNC", nr_cells=256, checkpoint_steps=4).core._segment_length(20, True, False) == (4, True, 0)
+    assert make("DNC", nr_cells=256, checkpoint_steps=0).core._segment_length(20, True, False) == (20, False, 0)
+    assert make("DNC", nr_cells=255).core._segment_length(20, True, False) == (20, False, 0)
+    assert make("SAM", nr_cells=4096).core._segment_length(20, True, False) == (20, False, 0)
+    with torch.no_grad():
+        assert make("DNC", nr_cells=256).core._segment_length(20, True, False) == (20, False, 0)
+
+
+def test_link_tape_equals_the_plain_run(monkeypatch):
+    """The automatic setting of large DNCs (here forced from 1 cell): link matrices kept every 3 of 7 steps
+    and replayed in backward give the outputs, states and gradients of keeping them all, with two layers,
+    dropout, padding and a state carried in with gradients."""
+    tapes = []
+    real_tape = models.dnc.memory.LinkTape
+    monkeypatch.setattr(models.dnc.memory, "LinkTape", lambda every: tapes.append(every) or real_tape(every))
+    model = make("DNC", num_layers=2, dropout=0.3, num_hidden_layers=2)
+    model.train()
+    x = torch.randn(B, 7, D)
+    mask = torch.ones(B, 7, dtype=torch.bool)
+    mask[0, 4:] = False
+    with torch.no_grad():
+        _, carried = model(torch.randn(B, 3, D))
+    results = []
+    for automatic in (False, True):
+        model.core.checkpoint_min_cells = 1 if automatic else None
+        model.zero_grad()
+        x_leaf = x.clone().requires_grad_()
+        state = map_state(lambda tensor: tensor.clone().requires_grad_(), carried)
+        torch.manual_seed(3)
+        output, new_state = model(x_leaf, state, mask=mask)
+        loss = output.pow(2).sum() + sum(t.sin().sum() for t in state_tensors(new_state))
+        inputs = [x_leaf, *state_tensors(state), *model.parameters()]
+        results.append([output, *state_tensors(new_state), *torch.autograd.grad(loss, inputs)])
+    assert tapes == [3]  # ceil(sqrt(7)), one tape for the layers' shared memory, in the automatic run only
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

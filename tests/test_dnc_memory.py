@@ -159,8 +159,8 @@ def assert_close(actual: torch.Tensor, expected, tol: float = 1e-12):
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
 
 
-def run(memory_module, state, xis, masks=None):
-    ctx = memory_module.begin(state)
+def run(memory_module, state, xis, masks=None, **options):
+    ctx = memory_module.begin(state, **options)
     reads = [memory_module.step(ctx, xi, None if masks is None else masks[t]) for t, xi in enumerate(xis)]
     return torch.stack(reads), memory_module.end(ctx), ctx
 
@@ -338,6 +338,82 @@ def test_fast_link_update_matches_reference_in_blocks(monkeypatch, cells):
     assert torch.autograd.gradcheck(dense.link_update_and_temporal_reads, inputs)
 
 
+def _link_chain(cells: int, steps: int, tape, link_requires_grad: bool = True):
+    """`steps` link updates from a random state; a loss over every output and the last matrix; its gradients."""
+    state = random_state(cells=cells, heads=3, seed=6)
+    generator = torch.Generator().manual_seed(7)
+    link = state["link_matrix"].clone().requires_grad_(link_requires_grad)
+    weights = [0.8 * torch.softmax(torch.randn(B, cells, generator=generator, dtype=torch.float64), -1)
+               for _ in range(steps)]
+    precedences = [torch.softmax(torch.randn(B, cells, generator=generator, dtype=torch.float64), -1)
+                   for _ in range(steps)]
+    reads = [torch.softmax(torch.randn(B, 3, cells, generator=generator, dtype=torch.float64), -1)
+             for _ in range(steps)]
+    inputs = [tensor.requires_grad_() for tensor in (*weights, *precedences, *reads)]
+    links, outputs, current = [], [], link
+    for t in range(steps):
+        current, forward, backward = dense.link_update_and_temporal_reads(current, weights[t], precedences[t],
+                                                                          reads[t], tape)
+        links.append(current.detach().clone())
+        outputs += [forward, backward]
+    loss = sum((output * torch.linspace(-1, 1, output.numel(), dtype=torch.float64).view_as(output)).sum()
+               for output in outputs) + current.sin().sum()
+    grads = torch.autograd.grad(loss, ([link] if link_requires_grad else []) + inputs)
+    return links, outputs, grads
+
+
+@pytest.mark.parametrize("link_requires_grad", [True, False])
+def test_link_tape_equals_keeping_every_matrix(monkeypatch, link_requires_grad):
+    """A `LinkTape` keeps steps 0, 3, 6 of 8 and replays the rest in backward (in blocks of 3 rows): the same
+    matrices bit for bit, the same outputs and gradients; the backward writes dL_{t-1} over the dL_t its
+    later step handed back (not over the user's gradient of the last matrix)."""
+    cells = 7
+    monkeypatch.setattr(dense, "LINK_BLOCK_BYTES", 3 * B * cells * 8)
+    overwrites = []
+    real_backward = dense.LinkUpdateAndTemporalReads._backward
+
+    def spy(*args, **kwargs):
+        overwrites.append(kwargs["overwrite"])
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(dense.LinkUpdateAndTemporalReads, "_backward", staticmethod(spy))
+    plain = _link_chain(cells, 8, None, link_requires_grad)
+    assert not any(overwrites)
+    overwrites.clear()
+    tape = dense.LinkTape(3)
+    taped = _link_chain(cells, 8, tape, link_requires_grad)
+    assert sorted(tape.kept) == [0, 3, 6] and len(tape.updates) == 8
+    for step in range(1, 8):  # replayed or kept, L_{step-1} is what the forward made
+        assert torch.equal(tape.link(step), plain[0][step - 1])
+    for got, want in zip(taped[1], plain[1]):
+        assert torch.equal(got, want)
+    assert len(taped[2]) == len(plain[2])
+    for got, want in zip(taped[2], plain[2]):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
+    # backward runs step 7 first (the user's gradient of the last matrix), then steps 6 .. 0 on their own
+    assert overwrites == [False] + [True] * 7
+    with pytest.raises(ValueError, match="every must be a positive"):
+        dense.LinkTape(0)
+
+
+def test_write_memory_gradients():
+    """`WriteMemory`'s hand-written backward against autograd on the formula M (1 - w e^T) + w v^T."""
+    generator = torch.Generator().manual_seed(8)
+    inputs = [torch.randn(B, N, W, generator=generator, dtype=torch.float64),
+              torch.rand(B, N, generator=generator, dtype=torch.float64),
+              torch.rand(B, W, generator=generator, dtype=torch.float64),
+              torch.randn(B, W, generator=generator, dtype=torch.float64)]
+    inputs = [tensor.requires_grad_() for tensor in inputs]
+    memory, weights, erase, vector = inputs
+    expected = memory * (1 - weights.unsqueeze(-1) * erase.unsqueeze(1)) + weights.unsqueeze(-1) * vector.unsqueeze(1)
+    got = dense.write_memory(*inputs)
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
+    seed = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, inputs, seed), torch.autograd.grad(expected, inputs, seed)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    assert torch.autograd.gradcheck(dense.write_memory, inputs)
+
+
 # ----- the memory contract -----
 
 def test_gradcheck_through_begin_step_end():
@@ -456,9 +532,10 @@ def test_bad_arguments_are_named():
         memory_module.step(ctx, torch.zeros(B, X, dtype=torch.float64), torch.ones(B))
 
 
-def test_compiled_step_equals_eager():
+@pytest.mark.parametrize("snapshots_every", [0, 3])
+def test_compiled_step_equals_eager(snapshots_every):
     """`--compile`: the memory's step through torch.compile gives the eager step's reads, state and gradients,
-    with and without padding."""
+    with and without padding; whole, or (with a `LinkTape`) in two compiled halves around the link update."""
     import copy
 
     from models.core import _COMPILED
@@ -473,12 +550,14 @@ def test_compiled_step_equals_eager():
     results = []
     for module in (eager, fast):
         state = {key: value.clone().requires_grad_(key == "memory") for key, value in random_state().items()}
-        reads, final, _ = run(module, state, xis[:2])  # unmasked, then masked: both specialisations
-        more, final, _ = run(module, final, xis[2:], masks[2:])
+        options = {"link_snapshots_every": snapshots_every} if snapshots_every else {}
+        reads, final, _ = run(module, state, xis[:2], **options)  # unmasked, then masked: both specialisations
+        more, final, ctx = run(module, final, xis[2:], masks[2:], **options)
+        assert (ctx.tape is not None) == bool(snapshots_every)
         loss = reads.pow(2).sum() + more.pow(2).sum() + sum(value.sum() for value in final.values())
         grads = torch.autograd.grad(loss, [state["memory"], *module.parameters()])
         results.append([reads, more, *final.values(), *grads])
-    assert "step" in _COMPILED[fast]
+    assert set(_COMPILED[fast]) == ({"write_step", "read_step"} if snapshots_every else {"step"})
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 

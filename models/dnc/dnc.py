@@ -26,15 +26,19 @@ from changing the memory, the controller state and the read vectors; the output 
 So a padded batch ends in the same state as running each sequence at its own length.
 
 Memory saved for backward: the dense memory's state holds an N x N link matrix per batch
-element, so keeping every step's intermediate results for backward grows as T * N^2. With
-gradients enabled and N >= 256 (`CHECKPOINT_MIN_CELLS`) the DNC therefore runs segments of
-ceil(sqrt(T)) steps under `torch.utils.checkpoint` (non-reentrant, RNG state preserved): only
-the states between segments are kept and each segment is recomputed during backward, which
-gives the same outputs and gradients for about a third more time. The last segment runs
-without checkpointing: its saved tensors are freed by backward before any other segment is
-recomputed, so keeping them costs no more memory than recomputing it. Smaller DNCs, SAM and SDNC
-(which touch O(K) rows per step) do not checkpoint by default; `checkpoint_steps=k` forces
-segments of k steps, 0 turns checkpointing off.
+element, so keeping every step's link matrix for backward grows as T * N^2. With gradients
+enabled and N >= 256 (`CHECKPOINT_MIN_CELLS`) the DNC therefore keeps one link matrix every
+ceil(sqrt(T)) steps on a `LinkTape` (`models.dnc.memory`) and replays the others from the last
+kept one when backward needs them: a replay is the link update alone (elementwise, no temporal
+reads), and the backward writes each step's link gradient over the one it received. Everything
+else a step saves is O(N (W + R)) and kept as usual. Outputs and gradients are those of keeping
+every matrix; at 1,024 cells, 20 steps and batch 8 this grows the process by about 260 MiB
+instead of about 360 MiB for the earlier default (`checkpoint_steps=5`: segments under
+`torch.utils.checkpoint`) and is a little faster (bench/RESULTS.md). Smaller DNCs, SAM and SDNC
+(which touch O(K) rows per step) keep everything by default; `checkpoint_steps=k` runs segments
+of k steps under `torch.utils.checkpoint` instead (non-reentrant, RNG state preserved: each
+segment but the last is recomputed during backward, which also drops the other saved tensors,
+for long sequences), and 0 turns both off.
 
 State of the cores: `DNCState(controller, memory, read_vectors)`, tensors only:
 - controller: a list with one entry per layer, `(h, c)` for LSTM or `h` for GRU / RNN, each
@@ -70,7 +74,7 @@ from models.dnc.sparse_memory import SparseMemory
 from models.dnc.sparse_temporal_memory import SparseTemporalMemory
 
 RNN_TYPES = ("lstm", "gru", "rnn")
-CHECKPOINT_MIN_CELLS = 256  # a DNC with this many cells checkpoints by default (a 256 KiB link matrix per element)
+CHECKPOINT_MIN_CELLS = 256  # a DNC with this many cells keeps its links on a tape by default (256 KiB a matrix per element)
 NONLINEARITIES = ("tanh", "relu")
 NN_INDEXES = ("exact", "faiss")
 
@@ -95,7 +99,8 @@ class DNCConfig:
     """A DNC core. The defaults are the published copy task's (`-mem_slot 16 -mem_size 20 -read_heads 4`).
 
     `output_size` None means `input_size` (the published output layer maps back to the input
-    width). `checkpoint_steps`: None = automatic (see the module docstring), 0 = off, k = segments of k steps.
+    width). `checkpoint_steps`: None = automatic (the link tape from 256 cells, see the module docstring), 0 = keep
+    everything, k = segments of k steps under `torch.utils.checkpoint`.
     """
 
     input_size: int
@@ -192,7 +197,7 @@ class MemoryController(Core):
 
     Config: ClassVar[type] = DNCConfig
     memory_class: ClassVar[type[nn.Module]]
-    checkpoint_min_cells: ClassVar[int | None] = None  # automatic checkpointing from this many cells
+    checkpoint_min_cells: ClassVar[int | None] = None  # the link tape by default from this many cells
 
     def __init__(self, config: DNCConfig):
         super().__init__(config)
@@ -369,14 +374,14 @@ class MemoryController(Core):
                 raise ValueError(f"mask must be [T, B] = [{steps}, {batch_size}], got {list(mask.shape)}")
             mask = mask.to(device=x.device, dtype=torch.bool)
             full_steps = mask.all(dim=1).tolist()  # one host sync, not one per step
-        segment, use_checkpoint = self._segment_length(steps, pass_through_memory, debug)
+        segment, use_checkpoint, snapshots_every = self._segment_length(steps, pass_through_memory, debug)
         debug_rows: list[dict[str, torch.Tensor]] | None = [] if debug else None
         pieces = []
         for start in range(0, steps, segment):
             stop = min(start + segment, steps)
             arguments = (x[start:stop], None if mask is None else mask[start:stop],
                          None if full_steps is None else full_steps[start:stop],
-                         controller, memory, reads, pass_through_memory, debug_rows)
+                         controller, memory, reads, pass_through_memory, debug_rows, snapshots_every)
             if use_checkpoint and stop < steps:
                 features, controller, memory, reads = checkpoint(self._steps, *arguments, use_reentrant=False)
             else:
@@ -390,16 +395,19 @@ class MemoryController(Core):
         state = DNCState(controller, self._public_memory(memory), torch.stack(reads))
         return output, state, (self._debug_arrays(debug_rows) if debug_rows is not None else None)
 
-    def _segment_length(self, steps: int, pass_through_memory: bool, debug: bool) -> tuple[int, bool]:
-        """(steps per segment, whether to checkpoint the segments)."""
+    def _segment_length(self, steps: int, pass_through_memory: bool, debug: bool) -> tuple[int, bool, int]:
+        """(steps per segment, whether to checkpoint the segments, link matrices kept every this many steps or 0).
+
+        Automatic (`checkpoint_steps=None`) from `checkpoint_min_cells`: one segment, the link matrices on a
+        `LinkTape`, one kept every ceil(sqrt(T)) steps (see the module docstring)."""
         per_segment = self.config.checkpoint_steps
+        saving = torch.is_grad_enabled() and pass_through_memory and not debug
         if per_segment is None:
-            automatic = self.checkpoint_min_cells is not None and self.config.nr_cells >= self.checkpoint_min_cells
-            per_segment = math.ceil(math.sqrt(steps)) if automatic else 0
-        if per_segment == 0 or per_segment >= steps or debug or not pass_through_memory \
-                or not torch.is_grad_enabled():
-            return steps, False
-        return per_segment, True
+            large = self.checkpoint_min_cells is not None and self.config.nr_cells >= self.checkpoint_min_cells
+            return steps, False, math.ceil(math.sqrt(steps)) if large and saving and steps > 1 else 0
+        if per_segment == 0 or per_segment >= steps or not saving:
+            return steps, False, 0
+        return per_segment, True, 0
 
     def _steps(
         self,
@@ -411,10 +419,12 @@ class MemoryController(Core):
         reads: list[torch.Tensor],
         pass_through_memory: bool,
         debug_rows: list[dict[str, torch.Tensor]] | None,
+        snapshots_every: int = 0,
     ) -> tuple[torch.Tensor, list, list[MemoryState] | None, list[torch.Tensor]]:
         """The steps of one segment: x [S, B, D] -> features [S, B, H + R*W] and the states after them.
 
         `memory` None is the initial memory. Without `pass_through_memory` the memory is returned as given.
+        `snapshots_every` > 0: the dense memories keep their link matrices on a `LinkTape` (`DenseMemory.begin`).
         """
         config = self.config
         lstm = config.rnn_type == "lstm"
@@ -427,7 +437,8 @@ class MemoryController(Core):
         contexts = []
         if pass_through_memory:
             memory = self.initial_memory(x.size(1), x.device) if memory is None else memory
-            contexts = [module.begin(part) for module, part in zip(self.memories, memory)]
+            options = {"link_snapshots_every": snapshots_every} if snapshots_every else {}
+            contexts = [module.begin(part, **options) for module, part in zip(self.memories, memory)]
         features = []
         for step in range(x.size(0)):
             keep = None if full_steps is None or full_steps[step] else mask[step]  # [B] or None
@@ -552,7 +563,7 @@ class MemoryController(Core):
 
 @register_core("DNC")
 class DNCCore(MemoryController):
-    """The DNC (Graves et al. 2016): dense memory, segment checkpointing from 256 cells."""
+    """The DNC (Graves et al. 2016): dense memory, link matrices on a `LinkTape` from 256 cells."""
 
     Config = DNCConfig
     memory_class = DenseMemory

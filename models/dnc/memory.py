@@ -164,9 +164,36 @@ def write_memory(memory: Tensor, write_weights: Tensor, erase_vector: Tensor, wr
     Returns:
         [B, N, W] M_t.
     """
-    # M (1 - w e^T) + w v^T rearranged as M + w (v^T - e^T * M): fewer [B, N, W] operations
-    additions = write_vector.unsqueeze(1) - erase_vector.unsqueeze(1) * memory  # [B, N, W]
-    return torch.addcmul(memory, write_weights.unsqueeze(-1), additions)
+    return WriteMemory.apply(memory, write_weights, erase_vector, write_vector)
+
+
+class WriteMemory(torch.autograd.Function):
+    """`write_memory` keeping for backward only its inputs (M_{t-1}, which the step's content lookup keeps
+    anyway, and three vectors), not the [B, N, W] product (v^T - e^T * M) autograd would: that was a
+    fifth of what a DNC step of 1,024 cells saves besides its link matrix. Gradients, with G = dM_t:
+
+        dM_{t-1} = G (1 - w e^T),  dw = sum_W G (v^T - e^T * M),  de = -sum_N G * w * M,  dv = w^T G.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, memory: Tensor, write_weights: Tensor, erase_vector: Tensor, write_vector: Tensor) -> Tensor:
+        ctx.save_for_backward(memory, write_weights, erase_vector, write_vector)
+        # M (1 - w e^T) + w v^T rearranged as M + w (v^T - e^T * M): fewer [B, N, W] operations
+        additions = write_vector.unsqueeze(1) - erase_vector.unsqueeze(1) * memory  # [B, N, W]
+        return torch.addcmul(memory, write_weights.unsqueeze(-1), additions)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        memory, write_weights, erase_vector, write_vector = ctx.saved_tensors
+        weights = write_weights.unsqueeze(-1)  # [B, N, 1]
+        additions = write_vector.unsqueeze(1) - erase_vector.unsqueeze(1) * memory  # [B, N, W]
+        grad_weights = (grad * additions).sum(-1)  # [B, N]
+        weighted = grad * weights  # [B, N, W] G w
+        grad_memory = grad - weighted * erase_vector.unsqueeze(1)  # G (1 - w e^T)
+        grad_erase = -(weighted * memory).sum(1)  # [B, W]
+        grad_write = weighted.sum(1)  # [B, W]
+        return grad_memory, grad_weights, grad_erase, grad_write
 
 
 def update_precedence(precedence: Tensor, write_weights: Tensor) -> Tensor:
@@ -233,6 +260,95 @@ def _row_blocks(link: Tensor) -> list[slice]:
     return [slice(start, min(start + rows, cells)) for start in range(0, cells, rows)]
 
 
+def _link_rows(out: Tensor, link_rows: Tensor, keep_rows: Tensor, columns_weights: Tensor, write_rows: Tensor,
+               precedence_row: Tensor, start: int) -> Tensor:
+    """Rows of L_t from the same rows of L_{t-1}, into `out` [B, c, N]: (1 - w_i - w_j) L[i, j] + w_i p_j, zero
+    diagonal. The forward pass, the backward pass and `LinkTape`'s replay all make L_t here, with the same
+    operations in the same order, so a replayed matrix equals the forward's bit for bit.
+
+    Args:
+        link_rows: [B, c, N] rows start .. start + c - 1 of L_{t-1}; keep_rows: [B, c] their 1 - w;
+        columns_weights: [B, 1, N] w; write_rows: [B, c] their w; precedence_row: [B, 1, N] p_{t-1}.
+    """
+    torch.mul(link_rows, keep_rows.unsqueeze(-1), out=out)  # (1 - w_i) L[i, j]
+    out.addcmul_(link_rows, columns_weights, value=-1)  # - w_j L[i, j]
+    out.addcmul_(write_rows.unsqueeze(-1), precedence_row)  # + w_i p_j
+    out.diagonal(offset=start, dim1=1, dim2=2).zero_()  # L[i, i] = 0
+    return out
+
+
+class LinkTape:
+    """The link matrices of one run of steps, for their backward: one kept every `every` steps, the rest replayed.
+
+    The backward of step t needs L_{t-1}. Saving it keeps one [B, N, N] matrix per step alive until
+    backward (32 MiB per step for B = 8, N = 1,024). The update L_{t-1} -> L_t needs only that step's write
+    weights and precedence ([B, N] each), so the tape keeps those for every step, the matrices of steps
+    0, every, 2 every, ... (the first is the state's own), and replays the others when backward asks for
+    them, in place in one working matrix: step t's matrix costs t mod `every` updates (elementwise, no
+    temporal reads). Backward walks the steps in reverse, so each replay starts from a kept matrix.
+
+    The tape also lets the backward write dL_{t-1} over dL_t (`reusable`): the gradient reaching L_t is,
+    inside a run, the one the step after handed back, which nothing else holds.
+
+    Used by `DenseMemory` when a run passes `link_snapshots_every` to `begin` (the DNC's automatic
+    setting from 256 cells, see `models.dnc.dnc`); not inside `torch.utils.checkpoint` segments, which
+    would keep the tape's matrices alive with the graph they discard.
+    """
+
+    def __init__(self, every: int):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"LinkTape: every must be a positive number of steps, got {every!r}")
+        self.every = every
+        self.kept: dict[int, Tensor] = {}  # step -> L_{step-1}, the link matrix that step starts from
+        self.updates: list[tuple[Tensor, Tensor]] = []  # per step: (w^w_t, p_{t-1}) as the update used them
+        self.working: Tensor | None = None  # [B, N, N] the replayed matrix
+        self.working_step = -1  # the step whose starting matrix `working` holds
+        self.handed_back: int | None = None  # data_ptr of the gradient the latest backward returned
+
+    def record(self, link: Tensor, write_weights: Tensor, precedence: Tensor) -> int:
+        """Note a step starting from `link` with these weights; returns the step's number."""
+        step = len(self.updates)
+        if step % self.every == 0:
+            self.kept[step] = link.detach()
+        self.updates.append((write_weights.detach(), precedence.detach()))
+        return step
+
+    def link(self, step: int) -> Tensor:
+        """L_{step-1}, the matrix `step` started from: kept, or replayed from the last kept one. The
+        replayed matrix is overwritten by the next call."""
+        if step in self.kept:
+            return self.kept[step]
+        start = step - step % self.every
+        if not start < self.working_step <= step:
+            source = self.kept[start]
+            if self.working is None:
+                self.working = torch.empty_like(source, memory_format=torch.contiguous_format)
+            self.working.copy_(source)
+            self.working_step = start
+        while self.working_step < step:
+            _update_link_in_place(self.working, *self.updates[self.working_step])
+            self.working_step += 1
+        return self.working
+
+    def reusable(self, gradient: Tensor | None) -> bool:
+        """Whether `gradient` is the one the latest backward handed back (so it may be written over)."""
+        return gradient is not None and gradient.is_contiguous() and gradient.data_ptr() == self.handed_back
+
+
+def _update_link_in_place(link: Tensor, write_weights: Tensor, precedence: Tensor) -> None:
+    """L_{t-1} -> L_t in place ([B, N, N] contiguous), a block of rows at a time through a block-sized buffer."""
+    keep = 1 - write_weights  # [B, N]
+    columns_weights = write_weights.unsqueeze(1)  # [B, 1, N]
+    precedence_row = precedence.unsqueeze(1)  # [B, 1, N]
+    blocks = _row_blocks(link)
+    scratch = link.new_empty(link.size(0), blocks[0].stop - blocks[0].start, link.size(2))
+    for rows in blocks:
+        out = scratch[:, :rows.stop - rows.start]
+        _link_rows(out, link[:, rows], keep[:, rows], columns_weights, write_weights[:, rows], precedence_row,
+                   rows.start)
+        link[:, rows] = out
+
+
 class LinkUpdateAndTemporalReads(torch.autograd.Function):
     """`link_update_and_temporal_reads_ref` with a hand-written backward, one block of rows at a time.
 
@@ -242,20 +358,24 @@ class LinkUpdateAndTemporalReads(torch.autograd.Function):
         dL_{t-1} = G (1 - w_i - w_j),   dp_j = sum_i G[i, j] w_i,
         dw_m = sum_j G[m, j] (p_j - L_{t-1}[m, j]) - sum_i G[i, m] L_{t-1}[i, m],
         dw^r_k = dF_k L_t + dB_k L_t^T.
+
+    Only L_{t-1} is kept for backward (or, with a `LinkTape`, not even that): the backward remakes each
+    block of L_t from it, which costs less than keeping L_t, the last matrix of a run or of a
+    checkpointed segment, alive until then.
     """
 
     @staticmethod
     def forward(ctx: Any, link: Tensor, write_weights: Tensor, precedence: Tensor,
-                read_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                read_weights: Tensor, tape: LinkTape | None = None) -> tuple[Tensor, Tensor, Tensor]:
         # In the link's dtype whatever autocast is on: the in-place products below take no autocast, and a
         # compiled step traces the backward under the forward's autocast (bf16 products met fp32 buffers).
         with torch.autocast(link.device.type, enabled=False):
             return LinkUpdateAndTemporalReads._forward(ctx, link, write_weights.to(link.dtype),
-                                                       precedence.to(link.dtype), read_weights.to(link.dtype))
+                                                       precedence.to(link.dtype), read_weights.to(link.dtype), tape)
 
     @staticmethod
     def _forward(ctx: Any, link: Tensor, write_weights: Tensor, precedence: Tensor,
-                 read_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                 read_weights: Tensor, tape: LinkTape | None) -> tuple[Tensor, Tensor, Tensor]:
         new_link = torch.empty_like(link, memory_format=torch.contiguous_format)  # [B, N, N]
         forward = torch.empty_like(read_weights, memory_format=torch.contiguous_format)  # [B, R, N]
         backward = torch.zeros_like(forward)  # [B, R, N], accumulated over blocks
@@ -263,33 +383,45 @@ class LinkUpdateAndTemporalReads(torch.autograd.Function):
         columns_weights = write_weights.unsqueeze(1)  # [B, 1, N]
         precedence_row = precedence.unsqueeze(1)  # [B, 1, N]
         for rows in _row_blocks(link):
-            block = new_link[:, rows]  # [B, c, N] view
-            torch.mul(link[:, rows], keep[:, rows].unsqueeze(-1), out=block)  # (1 - w_i) L[i, j]
-            block.addcmul_(link[:, rows], columns_weights, value=-1)  # - w_j L[i, j]
-            block.addcmul_(write_weights[:, rows].unsqueeze(-1), precedence_row)  # + w_i p_j
-            block.diagonal(offset=rows.start, dim1=1, dim2=2).zero_()  # L[i, i] = 0
+            block = _link_rows(new_link[:, rows], link[:, rows], keep[:, rows], columns_weights,
+                               write_weights[:, rows], precedence_row, rows.start)  # [B, c, N] view
             # forward[k, i] = sum_j L[i, j] r[k, j]: [B, c, N] x [B, N, R] -> [B, c, R] -> [B, R, c]
             forward[:, :, rows] = torch.bmm(block, read_weights.transpose(1, 2)).transpose(1, 2)
             # backward[k, j] += sum_{i in block} r[k, i] L[i, j]: [B, R, c] x [B, c, N] -> [B, R, N]
             backward.baddbmm_(read_weights[:, :, rows], block)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(link, write_weights, precedence, read_weights, new_link)
+        ctx.tape = tape
+        if tape is None:
+            ctx.save_for_backward(write_weights, precedence, read_weights, link)
+        else:
+            ctx.step = tape.record(link, write_weights, precedence)
+            ctx.save_for_backward(write_weights, precedence, read_weights)
         return new_link, forward, backward
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_link: Tensor | None, grad_forward: Tensor | None,
-                 grad_backward: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 grad_backward: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor, Tensor, None]:
         saved = ctx.saved_tensors  # once: checkpointing allows one unpacking
-        with torch.autocast(saved[0].device.type, enabled=False):
-            grads = (None if grad is None else grad.to(saved[0].dtype) for grad in (grad_link, grad_forward,
-                                                                                   grad_backward))
-            return LinkUpdateAndTemporalReads._backward(saved, *grads)
+        write_weights, precedence, read_weights = saved[:3]
+        link = saved[3] if ctx.tape is None else ctx.tape.link(ctx.step)
+        with torch.autocast(link.device.type, enabled=False):
+            grads = [None if grad is None else grad.to(link.dtype) for grad in (grad_link, grad_forward,
+                                                                                grad_backward)]
+            overwrite = ctx.tape is not None and ctx.tape.reusable(grads[0])
+            result = LinkUpdateAndTemporalReads._backward(link, write_weights, precedence, read_weights, *grads,
+                                                          need_link_grad=ctx.needs_input_grad[0],
+                                                          overwrite=overwrite)
+        if ctx.tape is not None:
+            ctx.tape.handed_back = None if result[0] is None else result[0].data_ptr()
+        return (*result, None)
 
     @staticmethod
-    def _backward(saved: tuple[Tensor, ...], grad_link: Tensor | None, grad_forward: Tensor | None,
-                  grad_backward: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        link, write_weights, precedence, read_weights, new_link = saved
+    def _backward(link: Tensor, write_weights: Tensor, precedence: Tensor, read_weights: Tensor,
+                  grad_link: Tensor | None, grad_forward: Tensor | None, grad_backward: Tensor | None,
+                  need_link_grad: bool = True, overwrite: bool = False) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+        """The gradients (see the class docstring); dL_{t-1} is None unless `need_link_grad`, and written over
+        `grad_link` when `overwrite` (each block of G is made before its rows of dL_{t-1} are written)."""
         if grad_forward is None:
             grad_forward = torch.zeros_like(read_weights)
         if grad_backward is None:
@@ -297,22 +429,27 @@ class LinkUpdateAndTemporalReads(torch.autograd.Function):
         # Both reads' contributions to G in one product: dF^T r + r^T dB = [dF; r]^T [r; dB].
         left = torch.cat([grad_forward, read_weights], dim=1).transpose(1, 2).contiguous()  # [B, N, 2R]
         right = torch.cat([read_weights, grad_backward], dim=1)  # [B, 2R, N]
-        grad_previous_link = torch.empty_like(link, memory_format=torch.contiguous_format)  # [B, N, N]
+        grad_previous_link = None
+        if need_link_grad:  # [B, N, N]
+            grad_previous_link = grad_link if overwrite else torch.empty_like(link, memory_format=torch.contiguous_format)
         grad_write = torch.zeros_like(write_weights)  # [B, N]
         grad_precedence = torch.zeros_like(precedence).unsqueeze(1)  # [B, 1, N]
         grad_read = torch.zeros_like(read_weights)  # [B, R, N]
         keep = 1 - write_weights  # [B, N]
         columns_weights = write_weights.unsqueeze(1)  # [B, 1, N]
         precedence_row = precedence.unsqueeze(1)  # [B, 1, N]
+        blocks = _row_blocks(link)
+        new_rows = link.new_empty(link.size(0), blocks[0].stop - blocks[0].start, link.size(2))  # a block of L_t
         # Products with one vector are written vector-first ([B, 1, c] x [B, c, N]) or with the block first and
         # the vectors transposed: both take the fast paths of CPU BLAS, unlike [B, c, N] x [B, N, 1].
-        for rows in _row_blocks(link):
+        for rows in blocks:
             if grad_link is None:
                 gradient = torch.bmm(left[:, rows], right)  # G block: [B, c, 2R] x [B, 2R, N] -> [B, c, N]
             else:
                 gradient = torch.baddbmm(grad_link[:, rows], left[:, rows], right)
             gradient.diagonal(offset=rows.start, dim1=1, dim2=2).zero_()
-            new_block = new_link[:, rows]  # [B, c, N]
+            new_block = _link_rows(new_rows[:, :rows.stop - rows.start], link[:, rows], keep[:, rows],
+                                   columns_weights, write_weights[:, rows], precedence_row, rows.start)  # [B, c, N]
             grad_read.baddbmm_(grad_forward[:, :, rows], new_block)  # dF_k L_t: [B, R, c] x [B, c, N]
             # dB_k L_t^T: [B, c, N] x [B, N, R] -> [B, c, R] -> [B, R, c]
             grad_read[:, :, rows] += torch.bmm(new_block, grad_backward.transpose(1, 2)).transpose(1, 2)
@@ -321,17 +458,19 @@ class LinkUpdateAndTemporalReads(torch.autograd.Function):
             grad_write -= weighted.sum(1)  # column part
             # row part: sum_j G[i, j] p_j, [B, 1, N] x [B, N, c] -> [B, 1, c], minus sum_j G[i, j] L[i, j]
             grad_write[:, rows] += torch.bmm(precedence_row, gradient.transpose(1, 2)).squeeze(1) - weighted.sum(-1)
-            block = grad_previous_link[:, rows]
-            torch.mul(gradient, keep[:, rows].unsqueeze(-1), out=block)
-            block.addcmul_(gradient, columns_weights, value=-1)
+            if grad_previous_link is not None:
+                block = grad_previous_link[:, rows]
+                torch.mul(gradient, keep[:, rows].unsqueeze(-1), out=block)
+                block.addcmul_(gradient, columns_weights, value=-1)
         return grad_previous_link, grad_write, grad_precedence.squeeze(1), grad_read
 
 
 def link_update_and_temporal_reads(
-    link: Tensor, write_weights: Tensor, precedence: Tensor, read_weights: Tensor
+    link: Tensor, write_weights: Tensor, precedence: Tensor, read_weights: Tensor, tape: LinkTape | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The same as `link_update_and_temporal_reads_ref`, fast (see the module docstring); any device."""
-    return LinkUpdateAndTemporalReads.apply(link, write_weights, precedence, read_weights)
+    """The same as `link_update_and_temporal_reads_ref`, fast (see the module docstring); any device. With a
+    `tape`, L_{t-1} is not kept for backward but replayed from the tape's kept matrices."""
+    return LinkUpdateAndTemporalReads.apply(link, write_weights, precedence, read_weights, tape)
 
 
 @dataclasses.dataclass
@@ -339,6 +478,22 @@ class DenseMemoryContext:
     """The state between `begin` and `end`: fresh tensors replace the entries at every step."""
 
     state: dict[str, Tensor]
+    tape: LinkTape | None = None  # keeps the link matrices for backward when set (`begin`)
+
+
+def _with_link(state: dict[str, Tensor], link: Tensor) -> dict[str, Tensor]:
+    """`state` plus the link matrix, keys in `STATE_KEYS` order."""
+    return {key: link if key == "link_matrix" else state[key] for key in STATE_KEYS}
+
+
+class _Written(NamedTuple):
+    """What the write half of a step hands the read half (`DenseMemory._write_step`)."""
+
+    interface: Interface
+    memory: Tensor  # [B, N, W] M_t
+    usage: Tensor  # [B, N]
+    write_weights: Tensor  # [B, N] w^w_t
+    applied_write: Tensor  # [B, N] w^w_t, zero on padding rows
 
 
 class DenseMemory(nn.Module):
@@ -417,15 +572,22 @@ class DenseMemory(nn.Module):
 
         return {
             "memory": zeros(cells, width),  # [B, N, W]
-            "link_matrix": zeros(cells, cells),  # [B, N, N]
+            # [B, N, N], a broadcast view of one zero: a fresh memory's N^2 links cost nothing until its first
+            # step makes them (written in place it fails; put a new tensor in the dict instead)
+            "link_matrix": torch.zeros((), device=device, dtype=dtype).expand(batch_size, cells, cells),
             "precedence": zeros(cells),  # [B, N]
             "read_weights": zeros(heads, cells),  # [B, R, N]
             "write_weights": zeros(cells),  # [B, N]
             "usage_vector": zeros(cells),  # [B, N]
         }
 
-    def begin(self, state: dict[str, Tensor]) -> DenseMemoryContext:
+    def begin(self, state: dict[str, Tensor], link_snapshots_every: int = 0) -> DenseMemoryContext:
         """Start a run of steps from `state` (as made by `initial_state` or `end`); the tensors are not modified.
+
+        Args:
+            link_snapshots_every: 0 keeps each step's link matrix for backward (autograd's way); k > 0 keeps
+                one every k steps on a `LinkTape` and replays the others in backward (less memory, more time;
+                not inside a `torch.utils.checkpoint` segment).
 
         Raises:
             ValueError: if a state tensor is missing or the memory does not have this module's [N, W].
@@ -437,7 +599,8 @@ class DenseMemory(nn.Module):
         if memory.dim() != 3 or memory.shape[1:] != (self.nr_cells, self.cell_size):
             raise ValueError(f"DenseMemory state memory must be [B, {self.nr_cells}, {self.cell_size}] "
                              f"(nr_cells, cell_size), got {tuple(memory.shape)}; was it made by another memory?")
-        return DenseMemoryContext(state={key: state[key] for key in STATE_KEYS})
+        tape = LinkTape(link_snapshots_every) if link_snapshots_every else None
+        return DenseMemoryContext(state={key: state[key] for key in STATE_KEYS}, tape=tape)
 
     def step(self, ctx: DenseMemoryContext, xi: Tensor, mask: Tensor | None = None) -> Tensor:
         """One write and read: xi [B, X] -> read vectors [B, R * W] (head-major).
@@ -458,8 +621,16 @@ class DenseMemory(nn.Module):
         if mask is not None and (mask.shape != (batch,) or mask.dtype != torch.bool):
             raise ValueError(f"DenseMemory.step: mask must be a bool tensor of shape [{batch}], "
                              f"got {mask.dtype} {tuple(mask.shape)}")
-        step = compiled(self, "step", self._step)
-        ctx.state, reads = step(state, xi, mask)
+        if ctx.tape is None:
+            ctx.state, reads = compiled(self, "step", self._step)(state, xi, mask)
+            return reads
+        # The tape is Python state the compiled graphs cannot hold: the link update runs between them.
+        written = compiled(self, "write_step", self._write_step)(state, xi, mask)
+        link, forward_weights, backward_weights = link_update_and_temporal_reads(
+            state["link_matrix"], written.applied_write, state["precedence"], state["read_weights"], ctx.tape)
+        new_state, reads = compiled(self, "read_step", self._read_step)(state, written, forward_weights,
+                                                                         backward_weights, mask)
+        ctx.state = _with_link(new_state, link)
         return reads
 
     def _step(self, state: dict[str, Tensor], xi: Tensor, mask: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
@@ -467,7 +638,14 @@ class DenseMemory(nn.Module):
         `compile_steps` can compile it (the link update stays the hand-written autograd function: with
         the formulas instead, the compiled step saved [B, N, N] products and ran 3.8x slower at 1,024
         cells on the CPU)."""
-        batch = state["memory"].size(0)
+        written = self._write_step(state, xi, mask)
+        link, forward_weights, backward_weights = link_update_and_temporal_reads(
+            state["link_matrix"], written.applied_write, state["precedence"], state["read_weights"])
+        new_state, reads = self._read_step(state, written, forward_weights, backward_weights, mask)
+        return _with_link(new_state, link), reads
+
+    def _write_step(self, state: dict[str, Tensor], xi: Tensor, mask: Tensor | None) -> _Written:
+        """The step up to the link update: interface, usage, write weights, the memory write."""
         interface = self.interface(xi)
         memory = state["memory"]
         usage = update_usage(state["usage_vector"], state["write_weights"], state["read_weights"],
@@ -479,9 +657,15 @@ class DenseMemory(nn.Module):
         # Padding rows write nothing: memory, links and precedence then stay exactly as they were.
         applied_write = write_weights if mask is None else write_weights * mask.unsqueeze(-1).to(write_weights.dtype)
         memory = write_memory(memory, applied_write, interface.erase_vector, interface.write_vector)
-        link, forward_weights, backward_weights = link_update_and_temporal_reads(
-            state["link_matrix"], applied_write, state["precedence"], state["read_weights"])
-        precedence = update_precedence(state["precedence"], applied_write)
+        return _Written(interface, memory, usage, write_weights, applied_write)
+
+    def _read_step(self, state: dict[str, Tensor], written: _Written, forward_weights: Tensor,
+                   backward_weights: Tensor, mask: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+        """The step after the link update: precedence, read weights, reads. The new state lacks the link
+        matrix (`_with_link` adds it)."""
+        interface, memory, usage, write_weights = written.interface, written.memory, written.usage, written.write_weights
+        batch = memory.size(0)
+        precedence = update_precedence(state["precedence"], written.applied_write)
         read_content = content_weighting(interface.read_keys, interface.read_strengths, memory)  # [B, R, N]
         read_weights = read_weighting(backward_weights, read_content, forward_weights, interface.read_modes)
         reads = torch.bmm(read_weights, memory)  # [B, R, N] x [B, N, W] -> [B, R, W]
@@ -490,8 +674,8 @@ class DenseMemory(nn.Module):
             usage = torch.where(keep_rows, usage, state["usage_vector"])
             write_weights = torch.where(keep_rows, write_weights, state["write_weights"])
             read_weights = torch.where(keep_rows.unsqueeze(-1), read_weights, state["read_weights"])
-        new_state = {"memory": memory, "link_matrix": link, "precedence": precedence,
-                     "read_weights": read_weights, "write_weights": write_weights, "usage_vector": usage}
+        new_state = {"memory": memory, "precedence": precedence, "read_weights": read_weights,
+                     "write_weights": write_weights, "usage_vector": usage}
         return new_state, reads.reshape(batch, self.read_size)  # [B, R, W] -> [B, R W]
 
     def end(self, ctx: DenseMemoryContext) -> dict[str, Tensor]:
