@@ -577,9 +577,10 @@ class DNCCore(MemoryController):
 class SAMCore(MemoryController):
     """SAM (Rae et al. 2016): sparse reads and writes."""
 
-    # The compiled pieces stay opt-in (`--compile`) until measured on a GPU: on the CPU they cost 1.11x (SAM)
-    # and 1.64x (SDNC) the eager step at 1,024 cells (inductor's code for the sorts and searches is slower).
-    compiles_on_cuda = False
+    # The compiled pieces are on by default with CUDA, as for every per-step core (fewer, fused kernel launches
+    # per step; the GPU ratio is unmeasured: `bench/bench_dnc.py --device cuda` prints it), and opt-in on the
+    # CPU, where they cost 1.11x (SAM) and 1.64x (SDNC) the eager step at 1,024 cells (inductor's CPU code for
+    # the sorts and searches is slower than ATen's).
 
     Config = SAMConfig
     memory_class = SparseMemory
