@@ -41,6 +41,7 @@ Shapes: `T` time steps, `B` batch, `H` hidden size.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import statistics
 import sys
@@ -305,8 +306,8 @@ def bandwidth_mode(args: argparse.Namespace, machine: dict) -> dict:
             for name, function in variants.items():
                 for pass_name in PASSES:
                     clear_grads(inputs)
-                    elapsed[f"{name} {pass_name}"] = time_call(lambda: PASS_FUNCTIONS[pass_name](function, inputs),
-                                                               device)
+                    elapsed[f"{name} {pass_name}"] = time_call(
+                        functools.partial(PASS_FUNCTIONS[pass_name], function, inputs), device)
             if round_index >= args.warmup:
                 for key, value in elapsed.items():
                     timings[key].append(value)

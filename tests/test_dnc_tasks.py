@@ -428,7 +428,7 @@ def test_heatmaps_of_a_debug_dict(tmp_path):
 def test_sparse_debug_dict_names_last_access_and_draws_read_positions_and_links_against_slots():
     """SAM / SDNC: `usage` is the last access step (not a usage), read positions become a slot map, and
     the SDNC's K_L link entries are drawn at the slots they point to."""
-    rows, slots, links = 3, 5, 2
+    rows, slots = 3, 5
     rng = np.random.default_rng(1)
     debug = {"memory": rng.normal(size=(rows, slots * 2)).astype(np.float32),
              "read_weights": rng.random((rows, 2 * slots)).astype(np.float32),
