@@ -396,6 +396,24 @@ def test_link_tape_equals_keeping_every_matrix(monkeypatch, link_requires_grad):
         dense.LinkTape(0)
 
 
+def test_link_tape_backward_twice():
+    """retain_graph: a second backward over the same taped steps replays again and gives the same gradients
+    (its first step's gradient is the user's, never one a backward handed back earlier)."""
+    state = random_state(cells=6, heads=2, seed=9)
+    link = state["link_matrix"].clone().requires_grad_()
+    weights = (0.5 * torch.softmax(torch.randn(4, B, 6, dtype=torch.float64), -1)).requires_grad_()
+    tape, current, total = dense.LinkTape(2), link, 0
+    for t in range(4):
+        current, forward, backward = dense.link_update_and_temporal_reads(current, weights[t], state["precedence"],
+                                                                          state["read_weights"], tape)
+        total = total + forward.square().sum() + backward.sum()
+    total = total + current.square().sum()
+    first = torch.autograd.grad(total, [link, weights], retain_graph=True)
+    second = torch.autograd.grad(total, [link, weights])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def test_write_memory_gradients():
     """`WriteMemory`'s hand-written backward against autograd on the formula M (1 - w e^T) + w v^T."""
     generator = torch.Generator().manual_seed(8)

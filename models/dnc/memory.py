@@ -47,6 +47,7 @@ Shapes: `B` batch, `N` cells (nr_cells), `W` cell size, `R` read heads, `H` head
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -303,7 +304,7 @@ class LinkTape:
         self.updates: list[tuple[Tensor, Tensor]] = []  # per step: (w^w_t, p_{t-1}) as the update used them
         self.working: Tensor | None = None  # [B, N, N] the replayed matrix
         self.working_step = -1  # the step whose starting matrix `working` holds
-        self.handed_back: int | None = None  # data_ptr of the gradient the latest backward returned
+        self.handed_back: weakref.ref | None = None  # the gradient of L_{t-1} the latest backward returned
 
     def record(self, link: Tensor, write_weights: Tensor, precedence: Tensor) -> int:
         """Note a step starting from `link` with these weights; returns the step's number."""
@@ -331,8 +332,10 @@ class LinkTape:
         return self.working
 
     def reusable(self, gradient: Tensor | None) -> bool:
-        """Whether `gradient` is the one the latest backward handed back (so it may be written over)."""
-        return gradient is not None and gradient.is_contiguous() and gradient.data_ptr() == self.handed_back
+        """Whether `gradient` is the very tensor the latest backward handed back (so it may be written over).
+        By identity, through a weak reference: an address could be a new tensor's in a later backward pass."""
+        return (gradient is not None and self.handed_back is not None and gradient is self.handed_back()
+                and gradient.is_contiguous())
 
 
 def _update_link_in_place(link: Tensor, write_weights: Tensor, precedence: Tensor) -> None:
@@ -413,7 +416,7 @@ class LinkUpdateAndTemporalReads(torch.autograd.Function):
                                                           need_link_grad=ctx.needs_input_grad[0],
                                                           overwrite=overwrite)
         if ctx.tape is not None:
-            ctx.tape.handed_back = None if result[0] is None else result[0].data_ptr()
+            ctx.tape.handed_back = None if result[0] is None else weakref.ref(result[0])
         return (*result, None)
 
     @staticmethod
