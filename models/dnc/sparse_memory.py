@@ -30,7 +30,9 @@ takes the row norms of the memory and `end` copies it once, with the written row
 the memory is never copied: `RowStore` keeps the rows written since `begin` beside the state's tensor
 and remembers where each row's current value is. The search (`search.ExactIndex`) scores only the
 rows that can be non-zero (those of the starting memory, while they are at most a quarter of it, and
-the rows written since; every other row is zero and scores 0), or else all rows with one matmul. The
+the rows written since; every other row is zero and scores 0), or else all rows with one matmul, so a
+full memory costs O(N W) per search; FAISS's IVF index (`index_lists`) scans only the probed lists, and
+is kept from call to call (`search.IndexKeeper`) so that it is not rebuilt per call. The
 differentiable path goes only through gathered and written rows: small autograd functions route the
 gradient of a gathered row to where its value was made (the state's tensor, or the write of a step of
 this call), never through a dense [B, N, W] gradient per step. A fresh state (`initial_state`) is
@@ -62,7 +64,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from models.core import compiled
-from models.dnc.search import INDEXES, NearestNeighbourIndex, cosine_similarity, first_occurrence, make_index
+from models.dnc.search import (
+    INDEXES,
+    IndexKeeper,
+    NearestNeighbourIndex,
+    cosine_similarity,
+    first_occurrence,
+    make_index,
+)
 
 ACCESS_THRESHOLD = 0.005  # a row counts as accessed when its read or write weight exceeds this (delta)
 NEVER = torch.iinfo(torch.int32).min  # a time stamp below every real one
@@ -395,7 +404,8 @@ class SparseMemory(nn.Module):
         read_heads: R.
         independent_linears: one Linear per interface part (True) or one Linear split into the parts.
         sparse_reads: K, rows read per head (clamped to N).
-        index: 'exact' (PyTorch, any device) or 'faiss' (`pip install faiss-cpu`; CPU indexes).
+        index: 'exact' (PyTorch, any device) or 'faiss' (`pip install faiss-cpu`; CPU indexes, kept from
+            one call to the next: `search.IndexKeeper`).
         index_lists: FAISS only: None for an exhaustive flat index, else the IVF lists (approximate).
         index_probes: FAISS IVF only: lists scanned per query.
         index_threads: FAISS only: OpenMP threads; None: `torch.get_num_threads()`.
@@ -449,6 +459,7 @@ class SparseMemory(nn.Module):
         else:
             self.interface_layer = nn.Linear(input_size, self.interface_size)
         self.compile_step = False  # the step's tensor arithmetic through torch.compile (`compile_steps`)
+        self.index_keeper = IndexKeeper()  # the FAISS index kept between calls (`begin`); not state
 
     @property
     def read_entries(self) -> int:
@@ -515,8 +526,15 @@ class SparseMemory(nn.Module):
         """The keys of the state dict."""
         return ("memory", "usage", "step", "read_positions", "read_weights")
 
-    def begin(self, state: dict[str, Tensor]) -> SparseMemoryContext:
+    def begin(self, state: dict[str, Tensor], keep_index: bool = True) -> SparseMemoryContext:
         """Start a run of steps from `state` (as made by `initial_state` or `end`); the tensors are not modified.
+
+        Args:
+            state: the state to start from.
+            keep_index: with index='faiss', take the index kept from the previous call when this state's
+                memory is the one that call returned or started from (`search.IndexKeeper`), and keep this
+                call's; False builds a new index and leaves the kept one alone (checkpointed segments,
+                which are run again in backward and must find the same rows there).
 
         Raises:
             ValueError: if a state tensor is missing or the memory does not have this module's [N, W].
@@ -527,8 +545,7 @@ class SparseMemory(nn.Module):
         batch = memory.shape[0]
         return SparseMemoryContext(
             memory=memory,
-            index=make_index(self.index, state["memory"], lists=self.index_lists, probes=self.index_probes,
-                             threads=self.index_threads),
+            index=self._search_index(state["memory"], keep_index),
             usage=state["usage"].clone(memory_format=torch.contiguous_format),
             step=state["step"],
             read_positions=state["read_positions"],
@@ -540,6 +557,21 @@ class SparseMemory(nn.Module):
                            state["read_weights"].new_zeros(batch, self._written_rows())),
             least_used=torch.zeros(batch, dtype=torch.long, device=memory.offsets.device),
         )
+
+    def _search_index(self, memory: Tensor, keep_index: bool) -> NearestNeighbourIndex:
+        """The search over memory [B, N, W] for a call: FAISS's kept from call to call, the exact one per call
+        (it holds the starting memory by reference and costs no more to build than a search)."""
+        threads = torch.get_num_threads() if self.index_threads is None else self.index_threads
+
+        def build(start: Tensor) -> NearestNeighbourIndex:
+            return make_index(self.index, start, lists=self.index_lists, probes=self.index_probes, threads=threads)
+
+        if self.index != "faiss" or not keep_index:
+            return build(memory)
+        keeper = self.__dict__.get("index_keeper")
+        if keeper is None:  # a module pickled whole before the keeper existed
+            keeper = self.index_keeper = IndexKeeper()
+        return keeper.lend(memory, (self.index_lists, self.index_probes, threads), build)
 
     def _written_rows(self) -> int:
         """C = R E + 1."""
@@ -653,6 +685,9 @@ class SparseMemory(nn.Module):
                  "read_positions": ctx.read_positions, "read_weights": ctx.read_weights,
                  "write_positions": ctx.write_positions, "write_weights": ctx.write_weights}
         ctx.memory.release()
+        keeper = self.__dict__.get("index_keeper")
+        if keeper is not None:  # the kept index (if this call was lent it) now holds the returned memory
+            keeper.returned(ctx.index, state["memory"])
         return state
 
     def debug_view(self, ctx: SparseMemoryContext) -> dict[str, Tensor]:
