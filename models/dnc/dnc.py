@@ -162,10 +162,11 @@ class SAMConfig(DNCConfig):
                 _positive_int(name, getattr(self, name))
         if self.index_lists is not None and self.nn_index != "faiss":
             raise ValueError(f"index_lists={self.index_lists} is an option of the FAISS index; pass "
-                             f"nn_index='faiss' with it, or leave it None for the exact search")
+                             f"nn_index='faiss' (--nn-index faiss) with it, or leave it None for the exact search")
         if self.index_probes is not None and self.index_lists is None:
             raise ValueError(f"index_probes={self.index_probes} is the number of IVF lists scanned per query; "
-                             f"pass nn_index='faiss' and index_lists with it, or leave it None")
+                             f"pass nn_index='faiss' and index_lists (--nn-index faiss --index-lists N) with it, "
+                             f"or leave it None")
 
 
 @dataclasses.dataclass
@@ -536,6 +537,12 @@ class MemoryController(Core):
                           help="DNC: one linear layer per interface component instead of one split")
         add_argument_once(group, "--nn-index", "--nn_index", dest="nn_index", choices=NN_INDEXES, default="exact",
                           help="SAM/SDNC: nearest-neighbour search, exact (PyTorch) or faiss (needs faiss-cpu)")
+        add_argument_once(group, "--index-lists", "--index_lists", dest="index_lists", type=int, default=None,
+                          help="SAM/SDNC with --nn-index faiss: an approximate IVF index of this many lists, kept "
+                               "from call to call (sublinear steps over a large memory full of data; about "
+                               "sqrt(-mem_slot)); none: an exhaustive flat index")
+        add_argument_once(group, "--index-probes", "--index_probes", dest="index_probes", type=int, default=None,
+                          help="SAM/SDNC with --index-lists: lists scanned per query (none: 8)")
         add_argument_once(group, "--controller-clip", "--controller_clip", dest="controller_clip", type=float,
                           default=20.0, help="DNC: clamp the controller output to [-clip, clip] (0: off)")
 
@@ -604,7 +611,8 @@ class SAMCore(MemoryController):
 
     @classmethod
     def config_extras_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
-        return {"sparse_reads": args.sparse_reads, "nn_index": args.nn_index}
+        return {"sparse_reads": args.sparse_reads, "nn_index": args.nn_index,
+                "index_lists": getattr(args, "index_lists", None), "index_probes": getattr(args, "index_probes", None)}
 
 
 @register_core("SDNC")
