@@ -563,7 +563,7 @@ def test_compiled_pieces_equal_eager(kind):
 
 def _count_faiss_builds(monkeypatch):
     """Counts the FAISS indexes the sparse memories build from now on: a list that grows by one per build."""
-    import models.dnc.sparse_memory as sparse_memory
+    from models.dnc import sparse_memory
 
     builds = []
     real_make_index = sparse_memory.make_index

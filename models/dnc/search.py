@@ -41,7 +41,8 @@ from __future__ import annotations
 import importlib
 import threading
 import weakref
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
