@@ -274,6 +274,42 @@ def test_kept_index_equals_a_new_index_over_the_same_memory(lists):
     assert build.count == 1
 
 
+def test_kept_ivf_index_is_retrained_as_the_memory_fills():
+    """An IVF index built on an empty memory (all rows in one list) is rebuilt at the start of a call once the
+    rows written since its build reach its lists, then the rows that held data at the last build: its lists
+    follow the contents (no list holds them all), and every step still finds what a new index finds."""
+    pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(15)
+    lists = 4
+    keeper, build = search.IndexKeeper(), CountingBuild(lists)
+    memory = torch.zeros(2, 120, 8)
+    builds_at_call, expected, writes, threshold = [], [], 0, 0
+    for call in range(8):  # calls of 2 steps of 5 row writes: 10 writes per call
+        if call == 0 or writes >= threshold:  # the rule, in plain terms
+            writes, threshold = 0, max(lists, int((memory.norm(dim=-1) > 0).sum(1).max()))
+        expected.append(expected[-1] + (writes == 0) if expected else 1)
+        writes += 10
+        lent = keeper.lend(memory, (lists,), build)
+        builds_at_call.append(build.count)
+        memory = memory.clone()
+        for _ in range(2):
+            rows, values = _random_writes(generator, 2, 120, 8, 5)
+            memory.scatter_(1, rows.unsqueeze(-1).expand(-1, -1, 8), values)
+            lent.update(rows, values)
+            queries = torch.randn(2, 3, 8, generator=generator)
+            rows_found = memory.gather(1, lent.search(queries, 5).view(2, -1, 1).expand(-1, -1, 8)).view(2, 3, 5, 8)
+            # the exact rows' scores (which of the many zero rows stand for 0 may differ)
+            torch.testing.assert_close(cosine_similarity(queries, rows_found), cosine_topk(queries, memory, 5)[0])
+        keeper.returned(lent, memory)
+    assert builds_at_call == expected and build.count >= 4  # retrained more than once as the memory filled
+    faiss = pytest.importorskip("faiss")
+    invlists = keeper.index.indexes[0].invlists
+    data_rows = set((memory[0].norm(dim=-1) > 0).nonzero().squeeze(1).tolist())
+    per_list = [set(faiss.rev_swig_ptr(invlists.get_ids(number), invlists.list_size(number)).tolist()) & data_rows
+                for number in range(lists)]
+    assert max(map(len, per_list)) < len(data_rows) - 5  # the rows with data spread over the lists
+
+
 def test_kept_index_is_rebuilt_for_another_or_changed_memory():
     """A copy with the same values, an in-place change (even of a view), other settings, and a call while
     the one that took the index is still running all build a new index; the search then follows the memory

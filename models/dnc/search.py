@@ -29,8 +29,13 @@ of a call over a large memory, so the sparse memories keep theirs from one call 
 (`IndexKeeper`): a call that starts from the memory the previous call returned (the carried state
 of the next BPTT window) or from the one the previous call started from (a run repeated from the
 same state) takes the kept index, in the second case after rewriting the rows written since with
-their values in that memory. Steps then cost O(rows touched + the probed lists) whatever N. The
-`ExactIndex` costs no more to build than one search and stays per call.
+their values in that memory. Steps then cost O(rows touched + the probed lists) whatever N. An IVF
+index's lists are those of the memory it was trained on, so a kept one is rebuilt (at the start of a
+call) once the rows written since outnumber the rows that held data when it was built: a memory that
+fills from empty is retrained at geometrically spaced fills (trained on zero rows, every row would
+land in one list and each search would scan them all), a full one about once per N row writes,
+O(W) per written row on average. The `ExactIndex` costs no more to build than one search and stays
+per call.
 
 Shapes: `B` batch, `N` memory rows, `W` row width, `Q` queries per batch element, `K` rows per query,
 `M` rows written at once.
@@ -53,6 +58,8 @@ INDEXES = ("exact", "faiss")
 IVF_TRAINING_ROWS_PER_LIST = 40  # k-means samples per inverted list (FAISS warns below 39)
 SPARSE_FRACTION = 0.25  # ExactIndex scores only the non-zero rows while at most this share of them are
 BLOCK = 64  # rows per block of the two-round top-k over a whole memory (`_top_rows_of_many`)
+RETRAIN_FACTOR = 1.0  # a kept IVF index is rebuilt once the rows written since its build outnumber this many
+# times the rows that held data then (at least its lists): `IndexKeeper`
 
 
 def import_faiss() -> Any:
@@ -373,7 +380,10 @@ class IndexKeeper:
     the rows of `memory`: with an exhaustive index (flat, or IVF probing every list) the searches are
     those of a new index; an IVF index keeps the lists it was trained on (the memory it was built
     from), so an approximate search may differ from a new index's where that memory and this one
-    differ, as it differs from call to call without a kept index.
+    differ, as it differs from call to call without a kept index. An IVF index is also rebuilt, in
+    (a) or (b), once the rows written since its build (counted up to `memory`) reach `RETRAIN_FACTOR`
+    times the rows that held data at its build, and at least its number of lists: its lists then
+    follow the memory's contents as they change, or fill from empty.
 
     Identity, not values, decides (comparing values would cost O(N W) per call): see `_Remembered`.
     Only one call uses the index at a time: while the call that took it is alive (begun, not ended,
@@ -397,26 +407,43 @@ class IndexKeeper:
         self.end: _Remembered | None = None  # the memory the latest call returned (None until it ends)
         self.written: list[Tensor] = []  # the rows [B, M] written since `start`
         self.user: weakref.ref | None = None  # the `KeptIndex` of the call using the index now
+        self.retrain_after: float | None = None  # IVF: rebuild once this many rows were written since the build
+        self.writes_before_start = 0  # rows written between the build and `start`
 
     def lend(self, memory: Tensor, settings: Any, build: Callable[[Tensor], NearestNeighbourIndex]) -> KeptIndex:
         """The search for a call starting from memory [B, N, W] (class docstring); `settings` (the index's
         options) must equal the kept index's for it to be reused."""
         with self._lock:
-            in_use = self.user is not None and self.user() is not None
-            if self.index is not None and not in_use and self.settings == settings:
-                if self.end is not None and self.end.matches(memory):  # (a)
+            case = None
+            if self.index is not None and self.settings == settings and (self.user is None or self.user() is None):
+                if self.end is not None and self.end.matches(memory):
+                    case = "returned"  # (a)
+                elif self.start is not None and self.start.matches(memory):
+                    case = "started"  # (b)
+            since_build = self.writes_before_start  # row writes from the build to `memory`
+            if case == "returned":
+                since_build += sum(rows.size(1) for rows in self.written)
+            if case is not None and not self._stale(since_build):
+                if case == "returned":
                     self.start, self.end, self.written = self.end, None, []
-                    return self._lent()
-                if self.start is not None and self.start.matches(memory):  # (b)
-                    if self.written:
+                else:
+                    if self.written:  # back to the starting values
                         rows = torch.cat(self.written, dim=1)  # [B, M], repeats carry equal values
                         base = self.start.tensor
                         self.index.update(rows, base.gather(1, rows.unsqueeze(-1).expand(-1, -1, base.size(-1))))
                     self.end, self.written = None, []
-                    return self._lent()
+                self.writes_before_start = since_build
+                return self._lent()
             self.forget()
             self.index, self.settings, self.start = build(memory), settings, _Remembered(memory)
+            if getattr(self.index, "lists", None) is not None:  # IVF: retrain as the contents change
+                filled = int((_row_norms(memory.detach()) > 0).sum(1).max())  # rows with data, per element
+                self.retrain_after = RETRAIN_FACTOR * max(filled, self.index.lists)
             return self._lent()
+
+    def _stale(self, writes: int) -> bool:
+        """Whether an IVF index after `writes` row writes since its build is to be trained again."""
+        return self.retrain_after is not None and writes >= self.retrain_after
 
     def _lent(self) -> KeptIndex:
         lent = KeptIndex(self.index, self.written)
