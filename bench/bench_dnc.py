@@ -28,20 +28,31 @@ it cost about a third of the step on this machine; so this script sets the varia
 already set (`THP_MEM_ALLOC_ENABLE=0 python bench/bench_dnc.py` measures without), and the task
 scripts (copy_task.py, adding_task.py, argmax_task.py) do the same.
 
+The search of SAM and SDNC: `--nn-index exact` (the default; PyTorch, it scores every row of a memory
+full of data, so its time grows with N under `--filled`) or `--nn-index faiss`, exhaustive by default or,
+with `--index-lists N` (or `sqrt`: round(sqrt(cells)) lists at each size), FAISS's approximate IVF index
+scanning `--index-probes P` lists per query (default 8), kept from pass to pass (each pass restarts from
+the same filled memory: the kept index takes back the rows the pass wrote). With an IVF index the table
+also gives its recall@K: over the read queries the model makes in one pass from the starting memory, the
+share of the exact search's K rows (cosine top-K over that memory) that the index finds.
+
     python bench/bench_dnc.py                                  # 1 thread, CPU, about 5 min
     python bench/bench_dnc.py --quick                          # one timed round
     python bench/bench_dnc.py --json bench/out/dnc.json --plot bench/out/dnc.png
+    python bench/bench_dnc.py --kinds SAM SDNC --filled --nn-index faiss --index-lists sqrt --index-probes 8
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates anything (see above)
 
@@ -57,6 +68,7 @@ from bench.common import machine_info, synchronize, write_results  # noqa: E402
 from models.core import state_tensors  # noqa: E402
 from models.dnc import DNC, SAM, SDNC  # noqa: E402
 from models.dnc.memory import LinkTape  # noqa: E402
+from models.dnc.search import cosine_topk, make_index  # noqa: E402
 
 MIB = 2 ** 20
 CLASSES = {"DNC": DNC, "SAM": SAM, "SDNC": SDNC}
@@ -87,6 +99,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--filled", action="store_true",
                         help="SAM / SDNC start from a memory full of data (random rows, every row accessed) "
                              "rather than an empty one, where the exact search scores only the written rows")
+    parser.add_argument("--nn-index", dest="nn_index", choices=("exact", "faiss"), default="exact",
+                        help="SAM / SDNC: the nearest-neighbour search (faiss needs faiss-cpu)")
+    parser.add_argument("--index-lists", dest="index_lists", type=index_lists_option, default=None,
+                        help="SAM / SDNC with --nn-index faiss: IVF lists (a number, or sqrt: round(sqrt(cells)) "
+                             "per size); default: an exhaustive flat index")
+    parser.add_argument("--index-probes", dest="index_probes", type=int, default=None,
+                        help="SAM / SDNC with an IVF index: lists scanned per query (default 8)")
     parser.add_argument("--no-lstm-ratio", dest="lstm_ratio", action="store_false",
                         help="skip the DNC at 16 cells (eager and compiled) against an nn.LSTM of its controller")
     parser.add_argument("--no-compiled-sparse", dest="compiled_sparse", action="store_false",
@@ -101,12 +120,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 1, 1
+    if args.index_lists is not None and args.nn_index != "faiss":
+        parser.error("--index-lists needs --nn-index faiss")
+    if args.index_probes is not None and args.index_lists is None:
+        parser.error("--index-probes needs --index-lists (and --nn-index faiss)")
     return args
 
 
+def index_lists_option(text: str) -> int | str:
+    """--index-lists: a positive number, or 'sqrt'."""
+    if text == "sqrt":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of lists or 'sqrt', got {text!r}")
+    return int(text)
+
+
+def lists_for(cells: int, args: argparse.Namespace) -> int | None:
+    """The IVF lists of a memory of `cells` rows (None: no IVF index)."""
+    if args.index_lists == "sqrt":
+        return max(1, round(math.sqrt(cells)))
+    return args.index_lists
+
+
 def build(kind: str, cells: int, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    options = {}
+    if kind != "DNC":
+        options = {"nn_index": args.nn_index, "index_lists": lists_for(cells, args), "index_probes": args.index_probes}
     return CLASSES[kind](input_size=args.input, hidden_size=args.hidden, rnn_type="lstm", nr_cells=cells,
-                         read_heads=args.read_heads, cell_size=args.cell, batch_first=True, device=device)
+                         read_heads=args.read_heads, cell_size=args.cell, batch_first=True, device=device, **options)
+
+
+def index_recall(model: torch.nn.Module, x: torch.Tensor, memory_state: dict | None) -> float:
+    """Recall@K of a SAM / SDNC's IVF index: the read queries of one pass (no gradient) from `memory_state`
+    (None: a fresh memory), searched in a new index of the model's settings over the starting memory, against
+    the exact cosine top-K over it; the share of the exact rows found."""
+    memory = model.core.memories[0]
+    queries: list[torch.Tensor] = []
+    read = memory._read
+
+    def recording_read(ctx: Any, interface: Any) -> Any:
+        queries.append(interface.read_queries.detach().clone())  # [B, R, W]
+        return read(ctx, interface)
+
+    memory._read = recording_read
+    try:
+        with torch.no_grad():
+            model(x, None if memory_state is None else (None, memory_state, None))
+    finally:
+        del memory._read
+    start = (memory_state or memory.initial_state(x.size(0), x.device))["memory"]
+    asked = torch.cat(queries, dim=1)  # [B, T R, W]
+    index = make_index("faiss", start, lists=memory.index_lists, probes=memory.index_probes,
+                       threads=torch.get_num_threads())
+    found = index.search(asked, memory.sparse_reads)  # [B, T R, K]
+    exact = cosine_topk(asked, start, memory.sparse_reads)[1]
+    return float((found.unsqueeze(-1) == exact.unsqueeze(-2)).any(-1).float().mean())
 
 
 def training_step(model: torch.nn.Module, x: torch.Tensor, memory: dict | None = None) -> float:
@@ -263,6 +332,11 @@ def real_growth_mib(kind: str, cells: int, args: argparse.Namespace) -> float:
                "--threads", str(args.threads), "--device", args.device, "--rss-of", kind, str(cells)]
     if args.filled:
         options.append("--filled")
+    options += ["--nn-index", args.nn_index]
+    if args.index_lists is not None:
+        options += ["--index-lists", str(args.index_lists)]
+    if args.index_probes is not None:
+        options += ["--index-probes", str(args.index_probes)]
     child = subprocess.run([sys.executable, str(Path(__file__).resolve()), *options], capture_output=True,
                            text=True, check=True, env=os.environ | {"THP_MEM_ALLOC_ENABLE": "1"})
     return float(child.stdout.strip().splitlines()[-1])
@@ -373,21 +447,40 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for (kind, cells), model in built.items():
         ms = 1000 * statistics.median(seconds[(kind, cells)])
+        ivf = kind != "DNC" and args.nn_index == "faiss" and args.index_lists is not None
         rows.append({"kind": kind, "cells": cells, "ms_per_step": ms / args.steps, "ms_per_pass": ms,
                      **saved_bytes(model, x),
-                     "real_mib": real_growth_mib(kind, cells, args) if args.rss and device.type == "cpu" else None})
+                     "real_mib": real_growth_mib(kind, cells, args) if args.rss and device.type == "cpu" else None,
+                     "index_lists": lists_for(cells, args) if ivf else None,
+                     # over an empty memory every query ties among zero rows: no recall to speak of
+                     "recall": index_recall(model, x, memories[(kind, cells)]) if ivf and args.filled else None})
     construction = {kind: construction_seconds(kind, args.construction_cells, args, device)
                     for kind in args.kinds if kind != "DNC"}
 
     print(f"batch {args.batch}, {args.steps} steps, input {args.input}, LSTM {args.hidden} (2 layers), "
           f"{args.read_heads} read heads, cells of {args.cell}; forward+backward, medians of {args.repeats}")
+    if any(kind != "DNC" for kind in args.kinds):
+        search = "exact (PyTorch)" if args.nn_index == "exact" else (
+            "FAISS flat (exhaustive)" if args.index_lists is None else
+            f"FAISS IVF, {args.index_lists} lists, {args.index_probes or 8} probes, "
+            + ("kept from pass to pass" if args.filled else "built per pass (each from a new empty memory)"))
+        print(f"SAM / SDNC search: {search}; memory {'full of data' if args.filled else 'empty'} at the start")
+    ivf = any(row["index_lists"] is not None for row in rows)
     print(f"{'model':<5} {'cells':>7} {'ms/step':>9} {'ms/pass':>9} {'saved MiB':>10} {'peak MiB':>9} "
-          f"{'real MiB':>9} {'checkpointed':>12} {'tape every':>10}")
+          f"{'real MiB':>9} {'checkpointed':>12} {'tape every':>10}" + (f" {'lists':>6} {'recall@K':>9}" if ivf else ""))
     for row in rows:
         real = "-" if row["real_mib"] is None else f"{row['real_mib']:.1f}"
+        extra = ""
+        if ivf:
+            extra = (f" {'-':>6}" if row["index_lists"] is None else f" {row['index_lists']:>6}") + (
+                f" {'-':>9}" if row["recall"] is None else f" {row['recall']:>9.3f}")
         print(f"{row['kind']:<5} {row['cells']:>7,} {row['ms_per_step']:>9.2f} {row['ms_per_pass']:>9.1f} "
-              f"{row['saved_mib']:>10.1f} {row['peak_mib']:>9.1f} {real:>9} {row['checkpointed_segments']:>12} {row['link_tape_every'] or '-':>10}")
+              f"{row['saved_mib']:>10.1f} {row['peak_mib']:>9.1f} {real:>9} {row['checkpointed_segments']:>12} "
+              f"{row['link_tape_every'] or '-':>10}" + extra)
     print("real MiB: a fresh process's peak resident growth over one pass (CPU only; the allocator's view)")
+    if ivf:
+        print("recall@K: of the exact top-K rows of the read queries of one pass over the starting memory, "
+              "the share the IVF index finds (--filled only)")
     for kind, value in construction.items():
         print(f"construction of {kind} at {args.construction_cells:,} cells: {value:.3f} s (target < 1 s)")
 

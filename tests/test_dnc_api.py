@@ -542,6 +542,16 @@ def test_cores_are_registered_with_the_published_flags():
     assert (defaults.nr_cells, defaults.cell_size, defaults.read_heads, defaults.num_hidden_layers) == (16, 20, 4, 2)
 
 
+def test_index_flags_reach_the_sparse_memories():
+    args = parse(["-mem_slot", "64", "--nn-index", "faiss", "--index-lists", "8", "--index-probes", "3"])
+    memory = SDNCCore(SDNCCore.config_from_args(args, input_size=9)).memories[0]
+    assert (memory.index, memory.index_lists, memory.index_probes) == ("faiss", 8, 3)
+    memory = SAMCore(SAMCore.config_from_args(parse(["--nn-index", "faiss"]), input_size=9)).memories[0]
+    assert (memory.index, memory.index_lists, memory.index_probes) == ("faiss", None, 8)  # exhaustive
+    with pytest.raises(ValueError, match="--nn-index faiss"):
+        SAMCore.config_from_args(parse(["--index-lists", "8"]), input_size=9)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_core_is_the_published_model_time_major(kind):
     published = make(kind)

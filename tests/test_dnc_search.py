@@ -213,3 +213,140 @@ def test_faiss_ivf_over_a_small_memory_trains_without_warnings(capfd):
     index = make_index("faiss", memory, lists=32, probes=32, threads=1)
     assert torch.equal(index.search(queries, 4), cosine_topk(queries, memory, 4)[1])
     assert "WARNING clustering" not in capfd.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# The FAISS index kept from call to call (IndexKeeper).
+
+
+class CountingBuild:
+    """A keeper's `build`: a new FAISS index over the memory, counted."""
+
+    def __init__(self, lists):
+        self.lists, self.count = lists, 0
+
+    def __call__(self, memory):
+        self.count += 1
+        return make_index("faiss", memory, lists=self.lists, probes=self.lists or 1, threads=1)
+
+
+def _calls_with_writes(index, current, generator, lists, steps=3):
+    """Write random rows into `index` and `current` step by step; after each write, the index finds what a
+    new index over `current` finds, which is the exact top-K (an exhaustive index)."""
+    batch, cells, width = current.shape
+    for _ in range(steps):
+        rows, values = _random_writes(generator, batch, cells, width, 5)
+        current.scatter_(1, rows.unsqueeze(-1).expand(-1, -1, width), values)
+        index.update(rows, values)
+        queries = torch.randn(batch, 3, width, generator=generator)
+        fresh = make_index("faiss", current, lists=lists, probes=lists or 1, threads=1)
+        assert torch.equal(index.search(queries, 5), fresh.search(queries, 5))
+        assert torch.equal(index.search(queries, 5), cosine_topk(queries, current, 5)[1])
+    return current
+
+
+@pytest.mark.parametrize("lists", [None, 4])
+def test_kept_index_equals_a_new_index_over_the_same_memory(lists):
+    """(a) A call from the memory the latest call returned (also detached) and (b) a call repeated from the
+    latest call's start, or retried after one cut short, take the kept index without building one, and it
+    finds at every step what a new index over the current memory finds (flat, and IVF probing all lists)."""
+    pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(11)
+    keeper, build, settings = search.IndexKeeper(), CountingBuild(lists), (lists,)
+    start = torch.randn(2, 200, 8, generator=generator)
+    lent = keeper.lend(start, settings, build)
+    end = _calls_with_writes(lent, start.clone(), generator, lists)
+    keeper.returned(lent, end)
+    assert build.count == 1
+    carried = end.detach()  # (a): the next BPTT window, from the detached state
+    lent = keeper.lend(carried, settings, build)
+    later = _calls_with_writes(lent, carried.clone(), generator, lists)
+    keeper.returned(lent, later)
+    for _ in range(2):  # (b): the same call again, from its start; then one cut short (no `returned`)
+        lent = keeper.lend(end, settings, build)
+        queries = torch.randn(2, 3, 8, generator=generator)
+        assert torch.equal(lent.search(queries, 5), cosine_topk(queries, end, 5)[1])  # the writes undone
+        _calls_with_writes(lent, end.clone(), generator, lists)
+        del lent
+    lent = keeper.lend(end, settings, build)
+    queries = torch.randn(2, 3, 8, generator=generator)
+    assert torch.equal(lent.search(queries, 5), cosine_topk(queries, end, 5)[1])
+    assert build.count == 1
+
+
+def test_kept_ivf_index_is_retrained_as_the_memory_fills():
+    """An IVF index built on an empty memory (all rows in one list) is rebuilt at the start of a call once the
+    rows written since its build reach its lists, then the rows that held data at the last build: its lists
+    follow the contents (no list holds them all), and every step still finds what a new index finds."""
+    pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(15)
+    lists = 4
+    keeper, build = search.IndexKeeper(), CountingBuild(lists)
+    memory = torch.zeros(2, 120, 8)
+    builds_at_call, expected, writes, threshold = [], [], 0, 0
+    for call in range(8):  # calls of 2 steps of 5 row writes: 10 writes per call
+        if call == 0 or writes >= threshold:  # the rule, in plain terms
+            writes, threshold = 0, max(lists, int((memory.norm(dim=-1) > 0).sum(1).max()))
+        expected.append(expected[-1] + (writes == 0) if expected else 1)
+        writes += 10
+        lent = keeper.lend(memory, (lists,), build)
+        builds_at_call.append(build.count)
+        memory = memory.clone()
+        for _ in range(2):
+            rows, values = _random_writes(generator, 2, 120, 8, 5)
+            memory.scatter_(1, rows.unsqueeze(-1).expand(-1, -1, 8), values)
+            lent.update(rows, values)
+            queries = torch.randn(2, 3, 8, generator=generator)
+            rows_found = memory.gather(1, lent.search(queries, 5).view(2, -1, 1).expand(-1, -1, 8)).view(2, 3, 5, 8)
+            # the exact rows' scores (which of the many zero rows stand for 0 may differ)
+            torch.testing.assert_close(cosine_similarity(queries, rows_found), cosine_topk(queries, memory, 5)[0])
+        keeper.returned(lent, memory)
+    assert builds_at_call == expected and build.count >= 4  # retrained more than once as the memory filled
+    faiss = pytest.importorskip("faiss")
+    invlists = keeper.index.indexes[0].invlists
+    data_rows = set((memory[0].norm(dim=-1) > 0).nonzero().squeeze(1).tolist())
+    per_list = [set(faiss.rev_swig_ptr(invlists.get_ids(number), invlists.list_size(number)).tolist()) & data_rows
+                for number in range(lists)]
+    assert max(map(len, per_list)) < len(data_rows) - 5  # the rows with data spread over the lists
+
+
+def test_kept_index_is_rebuilt_for_another_or_changed_memory():
+    """A copy with the same values, an in-place change (even of a view), other settings, and a call while
+    the one that took the index is still running all build a new index; the search then follows the memory
+    as it is now."""
+    pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(12)
+    keeper, build, settings = search.IndexKeeper(), CountingBuild(None), (None,)
+    start = torch.randn(2, 100, 8, generator=generator)
+    queries = torch.randn(2, 3, 8, generator=generator)
+    keeper.returned(keeper.lend(start, settings, build), start)
+    assert build.count == 1
+    keeper.lend(start.clone(), settings, build)  # same values, other storage
+    assert build.count == 2
+    keeper.returned(keeper.lend(start, settings, build), start)
+    assert build.count == 3
+    start[:, 5] = -10 * queries[:, 0]  # in place: row 5 is now the worst row for query 0
+    start.detach()[1, 7] = 10 * queries[1, 1]  # in place through a detached view: row 7 the best for query 1
+    lent = keeper.lend(start, settings, build)
+    assert build.count == 4
+    found = lent.search(queries, 100)
+    assert found[0, 0, -1] == 5 and found[1, 1, 0] == 7
+    assert torch.equal(found[..., :5], cosine_topk(queries, start, 5)[1])
+    assert keeper.lend(start, settings, build) is not lent and build.count == 5  # `lent` still in use
+    keeper.lend(start, (4,), build)  # other settings
+    assert build.count == 6
+
+
+def test_index_keeper_copies_and_pickles_empty():
+    """FAISS's objects cannot be pickled: copies of a keeper (deepcopy, pickle) are empty and build again."""
+    import copy
+    import pickle
+
+    pytest.importorskip("faiss")
+    keeper, build = search.IndexKeeper(), CountingBuild(None)
+    memory = torch.randn(1, 10, 4)
+    keeper.returned(keeper.lend(memory, (None,), build), memory)
+    for copied in (copy.deepcopy(keeper), pickle.loads(pickle.dumps(keeper))):
+        assert copied.index is None and copied.start is None
+        copied.lend(memory, (None,), build)
+    assert build.count == 3

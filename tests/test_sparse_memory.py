@@ -555,3 +555,157 @@ def test_compiled_pieces_equal_eager(kind):
         torch.testing.assert_close(end[key], want_end[key], rtol=1e-10, atol=1e-12, msg=key)
     for got, want in zip(grads, want_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# The FAISS index kept from call to call (search.IndexKeeper).
+
+
+def _count_faiss_builds(monkeypatch):
+    """Counts the FAISS indexes the sparse memories build from now on: a list that grows by one per build."""
+    from models.dnc import sparse_memory
+
+    builds = []
+    real_make_index = sparse_memory.make_index
+
+    def counting(kind, *args, **kwargs):
+        builds.extend([kind] if kind == "faiss" else [])
+        return real_make_index(kind, *args, **kwargs)
+
+    monkeypatch.setattr(sparse_memory, "make_index", counting)
+    return builds
+
+
+@pytest.mark.parametrize("kind", ["SAM", "SDNC"])
+@pytest.mark.parametrize("lists", [None, 4])
+def test_kept_faiss_index_gives_what_a_new_index_per_call_gives(kind, lists, monkeypatch):
+    """A run in three calls, the state carried over detached (the kept index taken as it is), each call
+    also run twice from its start (the second time the kept index takes back the first time's writes):
+    the same reads, states and gradients as with a new index per call, and no index built (flat, and IVF
+    probing all its lists: both exhaustive; the IVF index's retraining put off)."""
+    from models.dnc import search
+
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(search, "RETRAIN_FACTOR", float("inf"))
+    generator = torch.Generator().manual_seed(13)
+    memory = make(kind, cells=40, index="faiss", index_threads=1, index_lists=lists, index_probes=lists or 8)
+    state = random_state(memory, 2, generator)  # its end is the kept index's memory
+    xs = torch.randn(9, 2, memory.input_size, generator=generator)
+    builds = _count_faiss_builds(monkeypatch)
+
+    def pieces(keep_index, repeat):
+        results, current = [], state
+        for chunk in xs.split(3):
+            start = {key: value.detach() for key, value in current.items()}
+            for _ in range(2 if repeat else 1):
+                memory.zero_grad()
+                context = memory.begin(start, keep_index=keep_index)
+                reads = torch.stack([memory.step(context, x) for x in chunk])
+                current = memory.end(context)
+                (reads.square().sum() + current["memory"].sin().sum()).backward()
+            results.append((reads, current, [parameter.grad.clone() for parameter in memory.parameters()]))
+        return results
+
+    fresh = pieces(keep_index=False, repeat=False)
+    assert len(builds) == 3
+    kept = pieces(keep_index=True, repeat=True)
+    assert len(builds) == 3
+    for (reads, end, grads), (want_reads, want_end, want_grads) in zip(kept, fresh):
+        torch.testing.assert_close(reads, want_reads, rtol=0, atol=0)
+        for key in want_end:
+            torch.testing.assert_close(end[key], want_end[key], rtol=0, atol=0, msg=key)
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want)
+
+
+def test_kept_faiss_index_is_rebuilt_after_an_in_place_change(monkeypatch):
+    """A memory changed in place after the call that returned it is searched as it is now (a new index)."""
+    pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(14)
+    memory = make("SAM", cells=40, index="faiss", index_threads=1)
+    state = random_state(memory, 2, generator)
+    builds = _count_faiss_builds(monkeypatch)
+    with torch.no_grad():
+        context = memory.begin(state)
+        query = memory.interface(torch.randn(2, memory.input_size, generator=generator)).read_queries  # [B, R, W]
+        state["memory"][:, 17] = 5 * query[:, 0]  # now the best row of head 0's query
+        assert context.index.search(query, 1)[:, 0, 0].tolist() != [17, 17]  # the running call's index: unchanged
+        memory.end(context)
+        state["memory"][:, 17] = 5 * query[:, 0]
+        index = memory.begin(state).index
+    assert builds == ["faiss"]
+    assert index.search(query, 1)[:, 0, 0].tolist() == [17, 17]
+
+
+def test_sam_with_a_kept_index_copies_pickles_and_saves_weights_only():
+    """After a call the model (holding a FAISS index) deep-copies and pickles (`torch.save`); the copies
+    run and give the original's output; the index is not in the state_dict. (From a memory of random rows:
+    ties of score, as between a fresh memory's zero rows, may come back in another order from an IVF index
+    whose rows were moved.)"""
+    import copy
+    import io
+
+    from models.dnc import SAM
+
+    pytest.importorskip("faiss")
+    torch.manual_seed(0)
+    model = SAM(6, 12, nr_cells=48, read_heads=2, cell_size=4, sparse_reads=3, nn_index="faiss", index_lists=4,
+                index_probes=4)
+    exact = SAM(6, 12, nr_cells=48, read_heads=2, cell_size=4, sparse_reads=3)
+    assert model.core.memories[0].index_lists == 4 and model.core.memories[0].index_probes == 4
+    x = torch.randn(2, 5, 6)
+    _, (controller, memory_state, reads) = model(x)
+    state = (controller, dict(memory_state, memory=torch.randn(2, 48, 4)), reads)
+    first, _ = model(x, state)
+    assert model.core.memories[0].index_keeper.index is not None
+    assert model.state_dict().keys() == exact.state_dict().keys()
+    expected, _ = model(x, state)  # the kept index, the first call's writes taken back
+    torch.testing.assert_close(expected, first, rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert twin.core.memories[0].index_keeper.index is None
+        output, _ = twin(x, state)
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)
+
+
+def test_checkpointed_segments_build_their_own_index(monkeypatch):
+    """Checkpointed segments run again in backward: they build a new index each time (the same one, so
+    backward finds the rows forward found) and leave the kept index to the last, plain segment; the
+    gradients are those of the run without checkpointing."""
+    pytest.importorskip("faiss")
+    from models.dnc import SAM
+    from models.dnc.search import IndexKeeper
+
+    torch.manual_seed(0)
+    model = SAM(6, 12, nr_cells=48, read_heads=2, cell_size=4, sparse_reads=3, nn_index="faiss")
+    x = torch.randn(2, 6, 6)
+    gradients = []
+    lends = []
+    real_lend = IndexKeeper.lend
+    monkeypatch.setattr(IndexKeeper, "lend", lambda self, *args: lends.append(1) or real_lend(self, *args))
+    for steps in (0, 2):
+        model.zero_grad()
+        model.core.config.checkpoint_steps = steps
+        builds = _count_faiss_builds(monkeypatch)
+        lends.clear()
+        output, _ = model(x)
+        output.square().sum().backward()
+        gradients.append([parameter.grad.clone() for parameter in model.parameters()])
+        # without: one call, the kept index; with: two checkpointed segments (built in forward and in
+        # backward) and the last segment, which takes the kept index (built: it starts from a new memory)
+        assert (len(builds), len(lends)) == ((1, 1) if steps == 0 else (5, 1))
+    for plain, checkpointed in zip(*gradients):
+        torch.testing.assert_close(plain, checkpointed)
+
+
+def test_index_options_are_checked():
+    from models.dnc import SAM, SDNC
+
+    with pytest.raises(ValueError, match="nn_index='faiss'"):
+        SAM(6, 12, nr_cells=48, index_lists=4)
+    with pytest.raises(ValueError, match="index_lists"):
+        SDNC(6, 12, nr_cells=48, nn_index="faiss", index_probes=4)
+    with pytest.raises(ValueError, match="index_lists must be a positive integer"):
+        SAM(6, 12, nr_cells=48, nn_index="faiss", index_lists=0)

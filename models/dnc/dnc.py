@@ -145,16 +145,33 @@ class DNCConfig:
 
 @dataclasses.dataclass
 class SAMConfig(DNCConfig):
-    """A SAM core: `sparse_reads` (K) rows per read head; `nn_index` 'exact' (PyTorch) or 'faiss'."""
+    """A SAM core: `sparse_reads` (K) rows per read head; `nn_index` 'exact' (PyTorch) or 'faiss'.
+
+    With 'faiss', `index_lists` None is an exhaustive flat index (the exact rows); a number of lists makes
+    it an approximate IVF index that scans `index_probes` of them per query (None: 8), the sublinear search
+    for large memories full of data (`models.dnc.search`).
+    """
 
     sparse_reads: int = 10
     nn_index: str = "exact"
+    index_lists: int | None = None
+    index_probes: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive_int("sparse_reads", self.sparse_reads)
         if self.nn_index not in NN_INDEXES:
             raise ValueError(f"nn_index must be one of {', '.join(NN_INDEXES)}, got {self.nn_index!r}")
+        for name in ("index_lists", "index_probes"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.index_lists is not None and self.nn_index != "faiss":
+            raise ValueError(f"index_lists={self.index_lists} is an option of the FAISS index; pass "
+                             f"nn_index='faiss' (--nn-index faiss) with it, or leave it None for the exact search")
+        if self.index_probes is not None and self.index_lists is None:
+            raise ValueError(f"index_probes={self.index_probes} is the number of IVF lists scanned per query; "
+                             f"pass nn_index='faiss' and index_lists (--nn-index faiss --index-lists N) with it, "
+                             f"or leave it None")
 
 
 @dataclasses.dataclass
@@ -178,6 +195,16 @@ def _keep_rows(keep: torch.Tensor, new: Any, old: Any) -> Any:
 def _unstack(stacked: torch.Tensor) -> list[torch.Tensor]:
     """[K, B, H] -> K separate [B, H] tensors (copies, each at the start of its own allocation)."""
     return [part.clone() for part in stacked.unbind(0)]
+
+
+def _begin(module: nn.Module, state: MemoryState, snapshots_every: int, checkpointed: bool) -> Any:
+    """`module.begin(state)` with what the run asks of it: a `LinkTape` (the DNC's automatic setting), or, in a
+    checkpointed segment, a sparse memory's own search index (`_steps`)."""
+    if checkpointed and isinstance(module, SparseMemory):
+        return module.begin(state, keep_index=False)
+    if snapshots_every:
+        return module.begin(state, link_snapshots_every=snapshots_every)
+    return module.begin(state)
 
 
 def _cell_function(config: DNCConfig) -> Any:
@@ -379,10 +406,11 @@ class MemoryController(Core):
         pieces = []
         for start in range(0, steps, segment):
             stop = min(start + segment, steps)
+            checkpointed = use_checkpoint and stop < steps
             arguments = (x[start:stop], None if mask is None else mask[start:stop],
                          None if full_steps is None else full_steps[start:stop],
-                         controller, memory, reads, pass_through_memory, debug_rows, snapshots_every)
-            if use_checkpoint and stop < steps:
+                         controller, memory, reads, pass_through_memory, debug_rows, snapshots_every, checkpointed)
+            if checkpointed:
                 features, controller, memory, reads = checkpoint(self._steps, *arguments, use_reentrant=False)
             else:
                 features, controller, memory, reads = self._steps(*arguments)
@@ -420,11 +448,14 @@ class MemoryController(Core):
         pass_through_memory: bool,
         debug_rows: list[dict[str, torch.Tensor]] | None,
         snapshots_every: int = 0,
+        checkpointed: bool = False,
     ) -> tuple[torch.Tensor, list, list[MemoryState] | None, list[torch.Tensor]]:
         """The steps of one segment: x [S, B, D] -> features [S, B, H + R*W] and the states after them.
 
         `memory` None is the initial memory. Without `pass_through_memory` the memory is returned as given.
         `snapshots_every` > 0: the dense memories keep their link matrices on a `LinkTape` (`DenseMemory.begin`).
+        A `checkpointed` segment runs again in backward and must find the same rows there: the sparse
+        memories build its FAISS index afresh both times rather than take the one kept between calls.
         """
         config = self.config
         lstm = config.rnn_type == "lstm"
@@ -437,8 +468,7 @@ class MemoryController(Core):
         contexts = []
         if pass_through_memory:
             memory = self.initial_memory(x.size(1), x.device) if memory is None else memory
-            options = {"link_snapshots_every": snapshots_every} if snapshots_every else {}
-            contexts = [module.begin(part, **options) for module, part in zip(self.memories, memory)]
+            contexts = [_begin(module, part, snapshots_every, checkpointed) for module, part in zip(self.memories, memory)]
         features = []
         for step in range(x.size(0)):
             keep = None if full_steps is None or full_steps[step] else mask[step]  # [B] or None
@@ -526,6 +556,12 @@ class MemoryController(Core):
                           help="DNC: one linear layer per interface component instead of one split")
         add_argument_once(group, "--nn-index", "--nn_index", dest="nn_index", choices=NN_INDEXES, default="exact",
                           help="SAM/SDNC: nearest-neighbour search, exact (PyTorch) or faiss (needs faiss-cpu)")
+        add_argument_once(group, "--index-lists", "--index_lists", dest="index_lists", type=int, default=None,
+                          help="SAM/SDNC with --nn-index faiss: an approximate IVF index of this many lists, kept "
+                               "from call to call (sublinear steps over a large memory full of data; about "
+                               "sqrt(-mem_slot)); none: an exhaustive flat index")
+        add_argument_once(group, "--index-probes", "--index_probes", dest="index_probes", type=int, default=None,
+                          help="SAM/SDNC with --index-lists: lists scanned per query (none: 8)")
         add_argument_once(group, "--controller-clip", "--controller_clip", dest="controller_clip", type=float,
                           default=20.0, help="DNC: clamp the controller output to [-clip, clip] (0: off)")
 
@@ -587,11 +623,16 @@ class SAMCore(MemoryController):
     POSITIVE_FLAGS = {**MemoryController.POSITIVE_FLAGS, "sparse_reads": "-sparse_reads"}
 
     def memory_options(self) -> dict[str, Any]:
-        return {"sparse_reads": self.config.sparse_reads, "index": self.config.nn_index}
+        config = self.config
+        options = {"sparse_reads": config.sparse_reads, "index": config.nn_index, "index_lists": config.index_lists}
+        if config.index_probes is not None:
+            options["index_probes"] = config.index_probes
+        return options
 
     @classmethod
     def config_extras_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
-        return {"sparse_reads": args.sparse_reads, "nn_index": args.nn_index}
+        return {"sparse_reads": args.sparse_reads, "nn_index": args.nn_index,
+                "index_lists": getattr(args, "index_lists", None), "index_probes": getattr(args, "index_probes", None)}
 
 
 @register_core("SDNC")
@@ -798,7 +839,9 @@ class DNC(_Published):
 class SAM(_Published):
     """`SAM(input_size, hidden_size, ...)`: the published constructor, sparse memory (see DNC for the extras).
 
-    `nn_index`: 'exact' (PyTorch matmul + topk, default) or 'faiss'.
+    `nn_index`: 'exact' (PyTorch matmul + topk, default) or 'faiss'. With 'faiss', `index_lists` makes the
+    index an approximate IVF index of that many lists (None: exhaustive), `index_probes` the lists scanned
+    per query (default 8): the sublinear search for large memories full of data (see SAMConfig).
     """
 
     core_class = SAMCore
@@ -809,19 +852,22 @@ class SAM(_Published):
                  cell_size: int = 10, nonlinearity: str = "tanh", gpu_id: int = -1, independent_linears: bool = False,
                  share_memory: bool = True, debug: bool = False, clip: float = 20, *,
                  device: torch.device | str | int | None = None, share_memory_between_layers: bool | None = None,
-                 checkpoint_steps: int | None = None, output_size: int | None = None, nn_index: str = "exact"):
+                 checkpoint_steps: int | None = None, output_size: int | None = None, nn_index: str = "exact",
+                 index_lists: int | None = None, index_probes: int | None = None):
         super().__init__()
         self._setup(dict(input_size=input_size, hidden_size=hidden_size, rnn_type=rnn_type, num_layers=num_layers,
                          num_hidden_layers=num_hidden_layers, bias=bias, dropout=dropout, nr_cells=nr_cells,
                          sparse_reads=sparse_reads, read_heads=read_heads, cell_size=cell_size,
                          nonlinearity=nonlinearity, independent_linears=independent_linears, clip=clip,
-                         checkpoint_steps=checkpoint_steps, output_size=output_size, nn_index=nn_index),
+                         checkpoint_steps=checkpoint_steps, output_size=output_size, nn_index=nn_index,
+                         index_lists=index_lists, index_probes=index_probes),
                     batch_first=batch_first, bidirectional=bidirectional, debug=debug, gpu_id=gpu_id, device=device,
                     share_memory=share_memory, share_memory_between_layers=share_memory_between_layers)
 
 
 class SDNC(_Published):
-    """`SDNC(input_size, hidden_size, ...)`: the published constructor, sparse memory with temporal links."""
+    """`SDNC(input_size, hidden_size, ...)`: the published constructor, sparse memory with temporal links
+    (`nn_index`, `index_lists`, `index_probes` as SAM's)."""
 
     core_class = SDNCCore
 
@@ -831,12 +877,14 @@ class SDNC(_Published):
                  read_heads: int = 4, cell_size: int = 10, nonlinearity: str = "tanh", gpu_id: int = -1,
                  independent_linears: bool = False, share_memory: bool = True, debug: bool = False, clip: float = 20,
                  *, device: torch.device | str | int | None = None, share_memory_between_layers: bool | None = None,
-                 checkpoint_steps: int | None = None, output_size: int | None = None, nn_index: str = "exact"):
+                 checkpoint_steps: int | None = None, output_size: int | None = None, nn_index: str = "exact",
+                 index_lists: int | None = None, index_probes: int | None = None):
         super().__init__()
         self._setup(dict(input_size=input_size, hidden_size=hidden_size, rnn_type=rnn_type, num_layers=num_layers,
                          num_hidden_layers=num_hidden_layers, bias=bias, dropout=dropout, nr_cells=nr_cells,
                          sparse_reads=sparse_reads, temporal_reads=temporal_reads, read_heads=read_heads,
                          cell_size=cell_size, nonlinearity=nonlinearity, independent_linears=independent_linears,
-                         clip=clip, checkpoint_steps=checkpoint_steps, output_size=output_size, nn_index=nn_index),
+                         clip=clip, checkpoint_steps=checkpoint_steps, output_size=output_size, nn_index=nn_index,
+                         index_lists=index_lists, index_probes=index_probes),
                     batch_first=batch_first, bidirectional=bidirectional, debug=debug, gpu_id=gpu_id, device=device,
                     share_memory=share_memory, share_memory_between_layers=share_memory_between_layers)

@@ -24,6 +24,19 @@ a run of steps, told about every written row (`update`), asked for the K best ro
   scanned per query), trained on a sample of the rows when it is built, written by remove + add. FAISS
   runs on `threads` OpenMP threads (default: `torch.get_num_threads()`).
 
+Building a FAISS index costs O(N W) per batch element (and k-means for IVF), far more than the steps
+of a call over a large memory, so the sparse memories keep theirs from one call to the next
+(`IndexKeeper`): a call that starts from the memory the previous call returned (the carried state
+of the next BPTT window) or from the one the previous call started from (a run repeated from the
+same state) takes the kept index, in the second case after rewriting the rows written since with
+their values in that memory. Steps then cost O(rows touched + the probed lists) whatever N. An IVF
+index's lists are those of the memory it was trained on, so a kept one is rebuilt (at the start of a
+call) once the rows written since outnumber the rows that held data when it was built: a memory that
+fills from empty is retrained at geometrically spaced fills (trained on zero rows, every row would
+land in one list and each search would scan them all), a full one about once per N row writes,
+O(W) per written row on average. The `ExactIndex` costs no more to build than one search and stays
+per call.
+
 Shapes: `B` batch, `N` memory rows, `W` row width, `Q` queries per batch element, `K` rows per query,
 `M` rows written at once.
 """
@@ -31,6 +44,9 @@ Shapes: `B` batch, `N` memory rows, `W` row width, `Q` queries per batch element
 from __future__ import annotations
 
 import importlib
+import threading
+import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -42,6 +58,8 @@ INDEXES = ("exact", "faiss")
 IVF_TRAINING_ROWS_PER_LIST = 40  # k-means samples per inverted list (FAISS warns below 39)
 SPARSE_FRACTION = 0.25  # ExactIndex scores only the non-zero rows while at most this share of them are
 BLOCK = 64  # rows per block of the two-round top-k over a whole memory (`_top_rows_of_many`)
+RETRAIN_FACTOR = 1.0  # a kept IVF index is rebuilt once the rows written since its build outnumber this many
+# times the rows that held data then (at least its lists): `IndexKeeper`
 
 
 def import_faiss() -> Any:
@@ -305,6 +323,138 @@ class FaissIndex:
                 unique_rows, first = np.unique(element_rows, return_index=True)
                 index.remove_ids(unique_rows)
                 index.add_with_ids(np.ascontiguousarray(element_values[first]), unique_rows)
+
+
+class KeptIndex:
+    """One call's use of a kept index: searches and writes go to it, and the written rows are noted so
+    that a later call from the same starting memory can put their starting values back (`IndexKeeper`).
+
+    Args:
+        index: the kept index (a `FaissIndex`).
+        written: the keeper's list of the rows [B, M] written since its starting memory; appended to.
+    """
+
+    def __init__(self, index: NearestNeighbourIndex, written: list[Tensor]):
+        self.index = index
+        self.written = written
+
+    def search(self, queries: Tensor, k: int) -> Tensor:
+        return self.index.search(queries, k)
+
+    def update(self, rows: Tensor, values: Tensor) -> None:
+        self.written.append(rows.detach())  # before the update: a write cut short is rewritten too
+        self.index.update(rows, values)
+
+
+class _Remembered:
+    """A memory tensor held by a detached reference (so its storage stays allocated and no other tensor
+    can take its address) with what identifies its contents then: storage address and offset, shape,
+    strides, dtype, device and in-place version (shared by `.detach()`ed views, bumped by every
+    in-place change). A tensor with the same key is the same data, unchanged."""
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor.detach()
+        self.key = _identity(tensor)
+
+    def matches(self, tensor: Tensor) -> bool:
+        return self.key is not None and _identity(tensor) == self.key
+
+
+def _identity(tensor: Tensor) -> tuple | None:
+    """What `_Remembered` compares; None for tensors without a version counter (inference mode)."""
+    if tensor.is_inference():
+        return None
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+            tensor.dtype, tensor.device, tensor._version)
+
+
+class IndexKeeper:
+    """A sparse memory's FAISS index, kept from one call to the next (`SparseMemory.begin` / `end`).
+
+    `lend(memory, ...)` at the start of a call returns a search over `memory` [B, N, W]:
+    (a) the kept index as it is when `memory` is the memory the latest call returned (`returned`);
+    (b) the kept index with the rows written since its starting memory rewritten to their values in
+        `memory`, when `memory` is that starting memory (a run repeated from the same state, or
+        retried after an exception in the middle of a call);
+    otherwise a new index (`build(memory)`), which is kept from then on. The index then holds exactly
+    the rows of `memory`: with an exhaustive index (flat, or IVF probing every list) the searches are
+    those of a new index; an IVF index keeps the lists it was trained on (the memory it was built
+    from), so an approximate search may differ from a new index's where that memory and this one
+    differ, as it differs from call to call without a kept index. An IVF index is also rebuilt, in
+    (a) or (b), once the rows written since its build (counted up to `memory`) reach `RETRAIN_FACTOR`
+    times the rows that held data at its build, and at least its number of lists: its lists then
+    follow the memory's contents as they change, or fill from empty.
+
+    Identity, not values, decides (comparing values would cost O(N W) per call): see `_Remembered`.
+    Only one call uses the index at a time: while the call that took it is alive (begun, not ended,
+    its context still referenced), another call builds a new index. The keeper is a cache, not state:
+    it is not in `state_dict`, and copies (`copy.deepcopy`, pickling, `torch.save` of the module) are
+    empty keepers (FAISS's objects cannot be pickled) that build at their first call.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.forget()
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+    def forget(self) -> None:
+        """Drop the kept index: the next call builds a new one."""
+        self.index: NearestNeighbourIndex | None = None
+        self.settings: Any = None
+        self.start: _Remembered | None = None  # the memory the kept index's rows were last equal to
+        self.end: _Remembered | None = None  # the memory the latest call returned (None until it ends)
+        self.written: list[Tensor] = []  # the rows [B, M] written since `start`
+        self.user: weakref.ref | None = None  # the `KeptIndex` of the call using the index now
+        self.retrain_after: float | None = None  # IVF: rebuild once this many rows were written since the build
+        self.writes_before_start = 0  # rows written between the build and `start`
+
+    def lend(self, memory: Tensor, settings: Any, build: Callable[[Tensor], NearestNeighbourIndex]) -> KeptIndex:
+        """The search for a call starting from memory [B, N, W] (class docstring); `settings` (the index's
+        options) must equal the kept index's for it to be reused."""
+        with self._lock:
+            case = None
+            if self.index is not None and self.settings == settings and (self.user is None or self.user() is None):
+                if self.end is not None and self.end.matches(memory):
+                    case = "returned"  # (a)
+                elif self.start is not None and self.start.matches(memory):
+                    case = "started"  # (b)
+            since_build = self.writes_before_start  # row writes from the build to `memory`
+            if case == "returned":
+                since_build += sum(rows.size(1) for rows in self.written)
+            if case is not None and not self._stale(since_build):
+                if case == "returned":
+                    self.start, self.end, self.written = self.end, None, []
+                else:
+                    if self.written:  # back to the starting values
+                        rows = torch.cat(self.written, dim=1)  # [B, M], repeats carry equal values
+                        base = self.start.tensor
+                        self.index.update(rows, base.gather(1, rows.unsqueeze(-1).expand(-1, -1, base.size(-1))))
+                    self.end, self.written = None, []
+                self.writes_before_start = since_build
+                return self._lent()
+            self.forget()
+            self.index, self.settings, self.start = build(memory), settings, _Remembered(memory)
+            if getattr(self.index, "lists", None) is not None:  # IVF: retrain as the contents change
+                filled = int((_row_norms(memory.detach()) > 0).sum(1).max())  # rows with data, per element
+                self.retrain_after = RETRAIN_FACTOR * max(filled, self.index.lists)
+            return self._lent()
+
+    def _stale(self, writes: int) -> bool:
+        """Whether an IVF index after `writes` row writes since its build is to be trained again."""
+        return self.retrain_after is not None and writes >= self.retrain_after
+
+    def _lent(self) -> KeptIndex:
+        lent = KeptIndex(self.index, self.written)
+        self.user = weakref.ref(lent)
+        return lent
+
+    def returned(self, index: NearestNeighbourIndex, memory: Tensor) -> None:
+        """The call that was lent `index` ended with memory [B, N, W]: the kept index now holds its rows."""
+        with self._lock:
+            if self.user is not None and self.user() is index:
+                self.end, self.user = _Remembered(memory), None
 
 
 def _top_rows_of_many(scores: Tensor, k: int) -> Tensor:

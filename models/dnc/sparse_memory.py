@@ -19,18 +19,20 @@ One step, with `t-1` marking the state it starts from, R read heads and K = min(
 So a step touches R K + 1 rows: the rows read at t-1 (writes), the LRU row, and the R K rows found now
 (reads). The write uses the read weights of the previous step, as in the paper: writes go to the
 previously read rows (gamma -> 1) or to the least recently used one (gamma -> 0). Ties in the last
-access time (all rows of a fresh memory, rows accessed at the same step) are broken by `argmin`, which
-takes the first (lowest) row; a fresh memory has last_access[n] = n - N, so it is filled from row 0 up.
+access time (all rows of a fresh memory, rows accessed at the same step) go to the first (lowest) row,
+as `argmin` and `min` break them; a fresh memory has last_access[n] = n - N, so it is filled from row 0 up.
 The cosine is <q, m> / (max(|q|, 1e-6) max(|m|, 1e-6)): an all-zero row scores 0. With fewer than K
 rows, K is N; with N = 1 every step reads and writes row 0.
 
-Speed and memory: nothing of size N is saved for backward, and a step costs O(N) only in one argmin
+Speed and memory: nothing of size N is saved for backward, and a step costs O(N) only in one minimum
 over the last-access times (integers); everything else scales with the rows touched. Per call, `begin`
 takes the row norms of the memory and `end` copies it once, with the written rows put in. In between
 the memory is never copied: `RowStore` keeps the rows written since `begin` beside the state's tensor
 and remembers where each row's current value is. The search (`search.ExactIndex`) scores only the
 rows that can be non-zero (those of the starting memory, while they are at most a quarter of it, and
-the rows written since; every other row is zero and scores 0), or else all rows with one matmul. The
+the rows written since; every other row is zero and scores 0), or else all rows with one matmul, so a
+full memory costs O(N W) per search; FAISS's IVF index (`index_lists`) scans only the probed lists, and
+is kept from call to call (`search.IndexKeeper`) so that it is not rebuilt per call. The
 differentiable path goes only through gathered and written rows: small autograd functions route the
 gradient of a gathered row to where its value was made (the state's tensor, or the write of a step of
 this call), never through a dense [B, N, W] gradient per step. A fresh state (`initial_state`) is
@@ -62,7 +64,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from models.core import compiled
-from models.dnc.search import INDEXES, NearestNeighbourIndex, cosine_similarity, first_occurrence, make_index
+from models.dnc.search import (
+    INDEXES,
+    IndexKeeper,
+    NearestNeighbourIndex,
+    cosine_similarity,
+    first_occurrence,
+    make_index,
+)
 
 ACCESS_THRESHOLD = 0.005  # a row counts as accessed when its read or write weight exceeds this (delta)
 NEVER = torch.iinfo(torch.int32).min  # a time stamp below every real one
@@ -289,7 +298,8 @@ def plan_write(usage: Tensor, read_positions: Tensor, read_weights: Tensor, writ
         row_weights: [B, C'] w^W of the entry's row.
     """
     batch = usage.size(0)
-    least_used = usage.argmin(dim=1, keepdim=True)  # [B, 1]
+    # the first minimum, as argmin would give, in about 0.4x argmin's time on the CPU (int32, one thread)
+    least_used = usage.min(dim=1, keepdim=True).indices  # [B, 1]
     positions = torch.cat([read_positions.reshape(batch, -1), least_used], dim=1)  # [B, C]
     previous_reads = read_weights.reshape(batch, -1) / read_heads  # mean over heads: [B, R E]
     lru_share = write_gate * (1 - interpolation_gate)  # alpha (1 - gamma): [B, 1]
@@ -395,7 +405,8 @@ class SparseMemory(nn.Module):
         read_heads: R.
         independent_linears: one Linear per interface part (True) or one Linear split into the parts.
         sparse_reads: K, rows read per head (clamped to N).
-        index: 'exact' (PyTorch, any device) or 'faiss' (`pip install faiss-cpu`; CPU indexes).
+        index: 'exact' (PyTorch, any device) or 'faiss' (`pip install faiss-cpu`; CPU indexes, kept from
+            one call to the next: `search.IndexKeeper`).
         index_lists: FAISS only: None for an exhaustive flat index, else the IVF lists (approximate).
         index_probes: FAISS IVF only: lists scanned per query.
         index_threads: FAISS only: OpenMP threads; None: `torch.get_num_threads()`.
@@ -449,6 +460,7 @@ class SparseMemory(nn.Module):
         else:
             self.interface_layer = nn.Linear(input_size, self.interface_size)
         self.compile_step = False  # the step's tensor arithmetic through torch.compile (`compile_steps`)
+        self.index_keeper = IndexKeeper()  # the FAISS index kept between calls (`begin`); not state
 
     @property
     def read_entries(self) -> int:
@@ -515,8 +527,15 @@ class SparseMemory(nn.Module):
         """The keys of the state dict."""
         return ("memory", "usage", "step", "read_positions", "read_weights")
 
-    def begin(self, state: dict[str, Tensor]) -> SparseMemoryContext:
+    def begin(self, state: dict[str, Tensor], keep_index: bool = True) -> SparseMemoryContext:
         """Start a run of steps from `state` (as made by `initial_state` or `end`); the tensors are not modified.
+
+        Args:
+            state: the state to start from.
+            keep_index: with index='faiss', take the index kept from the previous call when this state's
+                memory is the one that call returned or started from (`search.IndexKeeper`), and keep this
+                call's; False builds a new index and leaves the kept one alone (checkpointed segments,
+                which are run again in backward and must find the same rows there).
 
         Raises:
             ValueError: if a state tensor is missing or the memory does not have this module's [N, W].
@@ -527,8 +546,7 @@ class SparseMemory(nn.Module):
         batch = memory.shape[0]
         return SparseMemoryContext(
             memory=memory,
-            index=make_index(self.index, state["memory"], lists=self.index_lists, probes=self.index_probes,
-                             threads=self.index_threads),
+            index=self._search_index(state["memory"], keep_index),
             usage=state["usage"].clone(memory_format=torch.contiguous_format),
             step=state["step"],
             read_positions=state["read_positions"],
@@ -540,6 +558,21 @@ class SparseMemory(nn.Module):
                            state["read_weights"].new_zeros(batch, self._written_rows())),
             least_used=torch.zeros(batch, dtype=torch.long, device=memory.offsets.device),
         )
+
+    def _search_index(self, memory: Tensor, keep_index: bool) -> NearestNeighbourIndex:
+        """The search over memory [B, N, W] for a call: FAISS's kept from call to call, the exact one per call
+        (it holds the starting memory by reference and costs no more to build than a search)."""
+        threads = torch.get_num_threads() if self.index_threads is None else self.index_threads
+
+        def build(start: Tensor) -> NearestNeighbourIndex:
+            return make_index(self.index, start, lists=self.index_lists, probes=self.index_probes, threads=threads)
+
+        if self.index != "faiss" or not keep_index:
+            return build(memory)
+        keeper = self.__dict__.get("index_keeper")
+        if keeper is None:  # a module pickled whole before the keeper existed
+            keeper = self.index_keeper = IndexKeeper()
+        return keeper.lend(memory, (self.index_lists, self.index_probes, threads), build)
 
     def _written_rows(self) -> int:
         """C = R E + 1."""
@@ -653,6 +686,9 @@ class SparseMemory(nn.Module):
                  "read_positions": ctx.read_positions, "read_weights": ctx.read_weights,
                  "write_positions": ctx.write_positions, "write_weights": ctx.write_weights}
         ctx.memory.release()
+        keeper = self.__dict__.get("index_keeper")
+        if keeper is not None:  # the kept index (if this call was lent it) now holds the returned memory
+            keeper.returned(ctx.index, state["memory"])
         return state
 
     def debug_view(self, ctx: SparseMemoryContext) -> dict[str, Tensor]:

@@ -126,9 +126,9 @@ class SparseTemporalMemory(SparseMemory):
         """SAM's keys plus the links and the precedence."""
         return super().state_keys() + LINK_KEYS
 
-    def begin(self, state: dict[str, Tensor]) -> SparseTemporalMemoryContext:
+    def begin(self, state: dict[str, Tensor], keep_index: bool = True) -> SparseTemporalMemoryContext:
         """Start a run of steps from `state`; the tensors are not modified (see `SparseMemory.begin`)."""
-        base = super().begin(state)
+        base = super().begin(state, keep_index)
         track = base.memory.track
         fields = {field.name: getattr(base, field.name) for field in dataclasses.fields(base)}
         return SparseTemporalMemoryContext(
