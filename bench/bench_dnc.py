@@ -361,9 +361,7 @@ def rss_child(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.steps, args.input, device=device)
-    warm_up = build(kind, 16, args, device)
-    warm_up.core.config.checkpoint_steps = 2  # torch.utils.checkpoint's lazy imports too (~100 MiB, once)
-    training_step(warm_up, x)  # one-time costs (lazy imports, thread pools) first
+    training_step(build(kind, 16, args, device), x)  # one-time costs (lazy imports, thread pools) first
     model = build(kind, cells, args, device)
     memory = filled_memory(model, args.batch, device) if args.filled and kind != "DNC" else None
     with open("/proc/self/clear_refs", "w") as clear_refs:
