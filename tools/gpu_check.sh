@@ -56,6 +56,8 @@ if [ "$QUICK" = 1 ]; then  # tiny sizes: only that every command runs
         --hidden 64 --lengths 64 --repeats 1 --warmup 1 --configs 256x4 256x1t4 --json "$OUT/forget_mult_bandwidth.json"
     step qrnn_grid "$LIMIT" python bench/bench_qrnn.py --device "$DEV" --grid --batches 8 --lengths 32 --repeats 1 \
         --warmup 1 --json "$OUT/qrnn_grid.json"
+    step dnc "$LIMIT" python bench/bench_dnc.py --device "$DEV" --quick --dnc-cells 16 256 --sparse-cells 1024 \
+        --steps 4 --no-rss --construction-cells 1024 --plot "$OUT/dnc.png" --json "$OUT/dnc.json"
 else
     step tests 420 python -m pytest -q -m "not slow" -p no:cacheprovider
     step loop "$LIMIT" python bench/bench_loop.py --device "$DEV" --cases lstm200 lstm650 awd --batches 50 \
