@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"SAM / SDNC search: {search}; memory {'full of data' if args.filled else 'empty'} at the start")
     ivf = any(row["index_lists"] is not None for row in rows)
     print(f"{'model':<5} {'cells':>7} {'ms/step':>9} {'ms/pass':>9} {'saved MiB':>10} {'peak MiB':>9} "
-          f"{'real MiB':>9} {'checkpointed':>12} {'tape every':>10}" + (f" {'lists':>6} {'recall@K':>9}" if ivf else ""))
+          f"{'real MiB':>9} {'checkpointed':>12} {'tape every':>10}"
+          + (f" {'lists':>6} {'recall@K':>9}" if ivf else ""))
     for row in rows:
         real = "-" if row["real_mib"] is None else f"{row['real_mib']:.1f}"
         extra = ""
@@ -493,7 +494,8 @@ def main(argv: list[str] | None = None) -> dict:
                       f"saved {row['saved_mib']:.1f} MiB (peak {row['peak_mib']:.1f}) / {mib_target:g} MiB = "
                       f"{row['peak_mib'] / mib_target:.2f}"
                       + ("" if row["real_mib"] is None else
-                         f"; real growth {row['real_mib']:.1f} MiB / {mib_target:g} = {row['real_mib'] / mib_target:.2f}"))
+                         f"; real growth {row['real_mib']:.1f} MiB / {mib_target:g} = "
+                         f"{row['real_mib'] / mib_target:.2f}"))
         small, large = by_key.get((kind, 1024)), by_key.get((kind, 65536))
         if kind != "DNC" and small and large:
             checks.append(f"{kind} t(65,536) / t(1,024) = {large['ms_per_step'] / small['ms_per_step']:.2f} "

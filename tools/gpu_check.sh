@@ -14,6 +14,7 @@ DEV=${DEV:-cuda}
 QUICK=${QUICK:-0}
 LIMIT=${LIMIT:-240}
 mkdir -p "$OUT"
+rm -rf "$OUT/main_run"  # the training run's folder: a fresh run each time (a kept one would ask for --resume)
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 failed=0
 

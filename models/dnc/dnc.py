@@ -74,7 +74,7 @@ from models.dnc.sparse_memory import SparseMemory
 from models.dnc.sparse_temporal_memory import SparseTemporalMemory
 
 RNN_TYPES = ("lstm", "gru", "rnn")
-CHECKPOINT_MIN_CELLS = 256  # a DNC with this many cells keeps its links on a tape by default (256 KiB a matrix per element)
+CHECKPOINT_MIN_CELLS = 256  # from this many cells a DNC keeps its links on a tape (256 KiB a matrix per element)
 NONLINEARITIES = ("tanh", "relu")
 NN_INDEXES = ("exact", "faiss")
 
@@ -468,7 +468,8 @@ class MemoryController(Core):
         contexts = []
         if pass_through_memory:
             memory = self.initial_memory(x.size(1), x.device) if memory is None else memory
-            contexts = [_begin(module, part, snapshots_every, checkpointed) for module, part in zip(self.memories, memory)]
+            contexts = [_begin(module, part, snapshots_every, checkpointed)
+                        for module, part in zip(self.memories, memory)]
         features = []
         for step in range(x.size(0)):
             keep = None if full_steps is None or full_steps[step] else mask[step]  # [B] or None

@@ -434,7 +434,8 @@ class LinkUpdateAndTemporalReads(torch.autograd.Function):
         right = torch.cat([read_weights, grad_backward], dim=1)  # [B, 2R, N]
         grad_previous_link = None
         if need_link_grad:  # [B, N, N]
-            grad_previous_link = grad_link if overwrite else torch.empty_like(link, memory_format=torch.contiguous_format)
+            grad_previous_link = (grad_link if overwrite else
+                                  torch.empty_like(link, memory_format=torch.contiguous_format))
         grad_write = torch.zeros_like(write_weights)  # [B, N]
         grad_precedence = torch.zeros_like(precedence).unsqueeze(1)  # [B, 1, N]
         grad_read = torch.zeros_like(read_weights)  # [B, R, N]
@@ -666,7 +667,8 @@ class DenseMemory(nn.Module):
                    backward_weights: Tensor, mask: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
         """The step after the link update: precedence, read weights, reads. The new state lacks the link
         matrix (`_with_link` adds it)."""
-        interface, memory, usage, write_weights = written.interface, written.memory, written.usage, written.write_weights
+        interface, memory = written.interface, written.memory
+        usage, write_weights = written.usage, written.write_weights
         batch = memory.size(0)
         precedence = update_precedence(state["precedence"], written.applied_write)
         read_content = content_weighting(interface.read_keys, interface.read_strengths, memory)  # [B, R, N]
