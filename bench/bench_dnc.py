@@ -461,7 +461,8 @@ def main(argv: list[str] | None = None) -> dict:
         search = "exact (PyTorch)" if args.nn_index == "exact" else (
             "FAISS flat (exhaustive)" if args.index_lists is None else
             f"FAISS IVF, {args.index_lists} lists, {args.index_probes or 8} probes, "
-            + ("kept from pass to pass" if args.filled else "built per pass (each from a new empty memory)"))
+            + ("kept from pass to pass" if args.filled else
+               "none built: each pass starts from an empty memory, searched exactly until a quarter full"))
         print(f"SAM / SDNC search: {search}; memory {'full of data' if args.filled else 'empty'} at the start")
     ivf = any(row["index_lists"] is not None for row in rows)
     print(f"{'model':<5} {'cells':>7} {'ms/step':>9} {'ms/pass':>9} {'saved MiB':>10} {'peak MiB':>9} "

@@ -670,6 +670,33 @@ def test_sam_with_a_kept_index_copies_pickles_and_saves_weights_only():
         torch.testing.assert_close(output, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["SAM", "SDNC"])
+def test_ivf_index_waits_for_a_memory_with_data(kind, monkeypatch):
+    """With IVF lists, a call from a memory at most a quarter full (a fresh one: every sequence of a task run
+    with reset_experience) searches exactly, as the exact index does, and builds no FAISS index (one trained
+    on zero rows would put them all in one list and scan it); a call from a fuller memory builds one."""
+    from models.dnc.search import SPARSE_FRACTION, ExactIndex, KeptIndex
+
+    pytest.importorskip("faiss")
+    ivf = make(kind, cells=40, index="faiss", index_threads=1, index_lists=4, index_probes=1)
+    exact = make(kind, cells=40)
+    exact.load_state_dict(ivf.state_dict())
+    builds = _count_faiss_builds(monkeypatch)
+    generator = torch.Generator().manual_seed(17)
+    xs = torch.randn(6, 2, ivf.input_size, generator=generator)
+    fresh = ivf.initial_state(2)
+    assert isinstance(ivf.begin(fresh).index, ExactIndex)
+    for got, want in zip(_run(ivf, fresh, xs), _run(exact, fresh, xs)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert builds == []
+    quarter = ivf.initial_state(2)
+    quarter["memory"] = torch.zeros(2, 40, ivf.cell_size)
+    quarter["memory"][:, :int(SPARSE_FRACTION * 40)] = torch.randn(2, int(SPARSE_FRACTION * 40), ivf.cell_size)
+    assert isinstance(ivf.begin(quarter).index, ExactIndex) and builds == []
+    quarter["memory"][1, 39] = 1.0  # one row more than a quarter in one batch element
+    assert isinstance(ivf.begin(quarter).index, KeptIndex) and builds == ["faiss"]
+
+
 def test_checkpointed_segments_build_their_own_index(monkeypatch):
     """Checkpointed segments run again in backward: they build a new index each time (the same one, so
     backward finds the rows forward found) and leave the kept index to the last, plain segment; the

@@ -35,7 +35,8 @@ call) once the rows written since outnumber the rows that held data when it was 
 fills from empty is retrained at geometrically spaced fills (trained on zero rows, every row would
 land in one list and each search would scan them all), a full one about once per N row writes,
 O(W) per written row on average. The `ExactIndex` costs no more to build than one search and stays
-per call.
+per call; the sparse memories also use it instead of an IVF index for a call that starts from a memory
+that is `mostly_empty` (at most `SPARSE_FRACTION` of its rows hold data), where it scores only those.
 
 Shapes: `B` batch, `N` memory rows, `W` row width, `Q` queries per batch element, `K` rows per query,
 `M` rows written at once.
@@ -528,6 +529,13 @@ def make_index(kind: str, memory: Tensor, lists: int | None = None, probes: int 
     if kind == "faiss":
         return FaissIndex(memory, lists=lists, probes=probes, threads=threads)
     raise ValueError(f"unknown nearest-neighbour index {kind!r}; choose one of {', '.join(INDEXES)}")
+
+
+def mostly_empty(memory: Tensor) -> bool:
+    """Whether no batch element of memory [B, N, W] has more than `SPARSE_FRACTION` of its rows non-zero
+    (where `ExactIndex` scores only the rows that hold data)."""
+    filled = int((_row_norms(memory.detach()) > 0).sum(1).max())
+    return filled <= SPARSE_FRACTION * memory.size(1)
 
 
 def _row_norms(rows: Tensor) -> Tensor:

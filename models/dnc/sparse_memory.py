@@ -71,6 +71,7 @@ from models.dnc.search import (
     cosine_similarity,
     first_occurrence,
     make_index,
+    mostly_empty,
 )
 
 ACCESS_THRESHOLD = 0.005  # a row counts as accessed when its read or write weight exceeds this (delta)
@@ -561,12 +562,20 @@ class SparseMemory(nn.Module):
 
     def _search_index(self, memory: Tensor, keep_index: bool) -> NearestNeighbourIndex:
         """The search over memory [B, N, W] for a call: FAISS's kept from call to call, the exact one per call
-        (it holds the starting memory by reference and costs no more to build than a search)."""
+        (it holds the starting memory by reference and costs no more to build than a search).
+
+        An IVF index (`index_lists`) over a memory that is mostly zero rows would put them all in one list
+        (they score 0 against every centroid) and scan that list whenever a query probes it, O(N) per search:
+        a call that starts with at most `SPARSE_FRACTION` of its rows holding data (every sequence of a task
+        run with `reset_experience`, the first windows of a run) searches exactly instead, over the rows that
+        hold data and those written since, which costs less and finds the exact rows."""
         threads = torch.get_num_threads() if self.index_threads is None else self.index_threads
 
         def build(start: Tensor) -> NearestNeighbourIndex:
             return make_index(self.index, start, lists=self.index_lists, probes=self.index_probes, threads=threads)
 
+        if self.index == "faiss" and self.index_lists is not None and mostly_empty(memory):
+            return make_index("exact", memory)
         if self.index != "faiss" or not keep_index:
             return build(memory)
         keeper = self.__dict__.get("index_keeper")
