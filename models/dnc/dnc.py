@@ -37,8 +37,8 @@ instead of about 360 MiB for the earlier default (`checkpoint_steps=5`: segments
 `torch.utils.checkpoint`) and is a little faster (bench/RESULTS.md). Smaller DNCs, SAM and SDNC
 (which touch O(K) rows per step) keep everything by default; `checkpoint_steps=k` runs segments
 of k steps under `torch.utils.checkpoint` instead (non-reentrant, RNG state preserved: each
-segment but the last is recomputed during backward, which also drops the other saved tensors,
-for long sequences), and 0 turns both off.
+segment but the last is recomputed during backward, which also drops the other saved tensors; at
+1,024 cells it was slower and larger than the tape up to T = 100), and 0 turns both off.
 
 State of the cores: `DNCState(controller, memory, read_vectors)`, tensors only:
 - controller: a list with one entry per layer, `(h, c)` for LSTM or `h` for GRU / RNN, each
