@@ -45,6 +45,17 @@ from models.ops.triton_launch import choose_config, device_guard, KernelConfig
 
 
 @triton.jit
+def _row_or_zeros(pointers, mask, PRESENT: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """A [BLOCK_SIZE] row of an optional tensor (h0, a gradient of the last state) as float32: loaded where it
+    is PRESENT, zeros where the caller passed none."""
+    if PRESENT:
+        row = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+    else:
+        row = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    return row
+
+
+@triton.jit
 def _forget_mult_forward_kernel(
     f_ptr,
     x_ptr,
@@ -61,10 +72,7 @@ def _forget_mult_forward_kernel(
     """h_t = f_t * x_t + (1 - f_t) * h_previous over `num_steps` rows, starting at `first_offset`."""
     columns = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = columns < num_columns
-    if HAS_H0:
-        state = tl.load(h0_ptr + columns, mask=mask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    state = _row_or_zeros(h0_ptr + columns, mask, HAS_H0, BLOCK_SIZE)
     # (pointer + first row) + columns: pointers advance by whole rows, so no 32-bit offset overflows.
     f_ptrs = f_ptr + first_offset + columns
     x_ptrs = x_ptr + first_offset + columns
@@ -123,10 +131,7 @@ def _forget_mult_backward_kernel(
     """
     columns = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = columns < num_columns
-    if HAS_GRAD_H_LAST:
-        carry = tl.load(grad_h_last_ptr + columns, mask=mask, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    carry = _row_or_zeros(grad_h_last_ptr + columns, mask, HAS_GRAD_H_LAST, BLOCK_SIZE)
     f_ptrs = f_ptr + first_offset + columns
     x_ptrs = x_ptr + first_offset + columns
     h_ptrs = h_ptr + first_offset + columns
@@ -144,10 +149,7 @@ def _forget_mult_backward_kernel(
         grad_h_ptrs += step_stride
         grad_f_ptrs += step_stride
         grad_x_ptrs += step_stride
-    if HAS_H0:
-        initial = tl.load(h0_ptr + columns, mask=mask, other=0.0).to(tl.float32)
-    else:
-        initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    initial = _row_or_zeros(h0_ptr + columns, mask, HAS_H0, BLOCK_SIZE)
     carry = _backward_step(f_ptrs, x_ptrs, grad_h_ptrs, grad_f_ptrs, grad_x_ptrs, initial, carry, mask, HAS_GRAD_H)
     if HAS_H0:
         tl.store(grad_h0_ptr + columns, carry.to(grad_h0_ptr.dtype.element_ty), mask=mask)
@@ -193,10 +195,7 @@ def _forget_mult_forward_chunked_kernel(
     columns = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = columns < num_columns
     rows = tl.arange(0, TIME_CHUNK)
-    if HAS_H0:
-        state = tl.load(h0_ptr + columns, mask=mask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    state = _row_or_zeros(h0_ptr + columns, mask, HAS_H0, BLOCK_SIZE)
     offsets = rows[:, None] * step_stride + columns[None, :]  # [TIME_CHUNK, BLOCK_SIZE] within the chunk
     f_chunk = f_ptr + first_offset
     x_chunk = x_ptr + first_offset
@@ -246,14 +245,8 @@ def _forget_mult_backward_chunked_kernel(
     columns = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = columns < num_columns
     rows = tl.arange(0, TIME_CHUNK)
-    if HAS_GRAD_H_LAST:
-        carry = tl.load(grad_h_last_ptr + columns, mask=mask, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    if HAS_H0:
-        initial = tl.load(h0_ptr + columns, mask=mask, other=0.0).to(tl.float32)
-    else:
-        initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    carry = _row_or_zeros(grad_h_last_ptr + columns, mask, HAS_GRAD_H_LAST, BLOCK_SIZE)
+    initial = _row_or_zeros(h0_ptr + columns, mask, HAS_H0, BLOCK_SIZE)
     grad_initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     offsets = rows[:, None] * step_stride + columns[None, :]
     chunk = first_offset  # 32-bit: the host takes the row kernel where the offsets would not fit

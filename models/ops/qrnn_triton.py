@@ -46,7 +46,7 @@ except ImportError as error:
     ) from error
 
 from models.ops.forget_mult import TRITON_DTYPES, triton_device
-from models.ops.forget_mult_triton import _last_row, _linear_recurrence  # the time-chunked kernels' scan
+from models.ops.forget_mult_triton import _last_row, _linear_recurrence, _row_or_zeros  # shared kernel pieces
 from models.ops.triton_launch import choose_config, device_guard, KernelConfig
 
 # The backward tile holds about three times the forward's arrays (this row's and the next row's gates,
@@ -74,10 +74,7 @@ def _qrnn_forward_kernel(
     keep = units < hidden_size
     gate_count: tl.constexpr = 3 if OUTPUT_GATE else 2
     state_row = batch * hidden_size + units  # of [B, H]
-    if HAS_H0:
-        state = tl.load(h0_ptr + state_row, mask=keep, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    state = _row_or_zeros(h0_ptr + state_row, keep, HAS_H0, BLOCK_SIZE)
     if HAS_LENGTHS:
         length = tl.load(lengths_ptr + batch)
     # Pointers start at the first step's row (offsets from the host, 64-bit when large) and advance by whole
@@ -130,10 +127,7 @@ def _qrnn_forward_chunked_kernel(
     rows = tl.arange(0, TIME_CHUNK)
     gate_count: tl.constexpr = 3 if OUTPUT_GATE else 2
     state_row = batch * hidden_size + units
-    if HAS_H0:
-        state = tl.load(h0_ptr + state_row, mask=keep, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    state = _row_or_zeros(h0_ptr + state_row, keep, HAS_H0, BLOCK_SIZE)
     if HAS_LENGTHS:
         length = tl.load(lengths_ptr + batch)
     gate_offsets = rows[:, None] * gates_stride + (batch * gate_count * hidden_size + units)[None, :]
@@ -191,14 +185,8 @@ def _qrnn_backward_kernel(
     keep = units < hidden_size
     gate_count: tl.constexpr = 3 if OUTPUT_GATE else 2
     state_row = batch * hidden_size + units
-    if HAS_GRAD_LAST:
-        carry = tl.load(grad_last_ptr + state_row, mask=keep, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    if HAS_H0:
-        initial = tl.load(h0_ptr + state_row, mask=keep, other=0.0).to(tl.float32)
-    else:
-        initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    carry = _row_or_zeros(grad_last_ptr + state_row, keep, HAS_GRAD_LAST, BLOCK_SIZE)
+    initial = _row_or_zeros(h0_ptr + state_row, keep, HAS_H0, BLOCK_SIZE)
     if HAS_LENGTHS:
         length = tl.load(lengths_ptr + batch)
     gate_ptrs = gates_ptr + gates_first + batch * gate_count * hidden_size + units
@@ -274,14 +262,8 @@ def _qrnn_backward_chunked_kernel(
     rows = tl.arange(0, TIME_CHUNK)
     gate_count: tl.constexpr = 3 if OUTPUT_GATE else 2
     state_row = batch * hidden_size + units
-    if HAS_GRAD_LAST:
-        carry = tl.load(grad_last_ptr + state_row, mask=keep, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    if HAS_H0:
-        initial = tl.load(h0_ptr + state_row, mask=keep, other=0.0).to(tl.float32)
-    else:
-        initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    carry = _row_or_zeros(grad_last_ptr + state_row, keep, HAS_GRAD_LAST, BLOCK_SIZE)
+    initial = _row_or_zeros(h0_ptr + state_row, keep, HAS_H0, BLOCK_SIZE)
     grad_initial = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     if HAS_LENGTHS:
         length = tl.load(lengths_ptr + batch)
