@@ -438,8 +438,7 @@ class IndexKeeper:
             self.forget()
             self.index, self.settings, self.start = build(memory), settings, _Remembered(memory)
             if getattr(self.index, "lists", None) is not None:  # IVF: retrain as the contents change
-                filled = int((_row_norms(memory.detach()) > 0).sum(1).max())  # rows with data, per element
-                self.retrain_after = RETRAIN_FACTOR * max(filled, self.index.lists)
+                self.retrain_after = RETRAIN_FACTOR * max(filled_rows(memory), self.index.lists)
             return self._lent()
 
     def _stale(self, writes: int) -> bool:
@@ -531,11 +530,15 @@ def make_index(kind: str, memory: Tensor, lists: int | None = None, probes: int 
     raise ValueError(f"unknown nearest-neighbour index {kind!r}; choose one of {', '.join(INDEXES)}")
 
 
+def filled_rows(memory: Tensor) -> int:
+    """The most rows holding data (non-zero) in one batch element of memory [B, N, W]."""
+    return int((_row_norms(memory.detach()) > 0).sum(1).max())
+
+
 def mostly_empty(memory: Tensor) -> bool:
     """Whether no batch element of memory [B, N, W] has more than `SPARSE_FRACTION` of its rows non-zero
     (where `ExactIndex` scores only the rows that hold data)."""
-    filled = int((_row_norms(memory.detach()) > 0).sum(1).max())
-    return filled <= SPARSE_FRACTION * memory.size(1)
+    return filled_rows(memory) <= SPARSE_FRACTION * memory.size(1)
 
 
 def _row_norms(rows: Tensor) -> Tensor:
